@@ -1,0 +1,157 @@
+"""Prometheus metrics, names as PRODUCT.md binds them, built against an injected registry.
+
+With ``--workers N`` the supervisor sets PROMETHEUS_MULTIPROC_DIR before the
+workers import prometheus_client, so counters and histograms add up across
+processes; the rolling gauges use ``mostrecent`` (each worker's window is a
+uniform sample of the same traffic, SO_REUSEPORT spreads connections evenly).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, window: int = 1000) -> None:
+        self.registry = registry
+        self.window = window
+        r = registry
+        self.requests_total = Counter(
+            "shadowproxy_requests_total",
+            "Upstream responses by route, upstream, role and status code.",
+            ["route", "upstream", "role", "code"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "shadowproxy_upstream_latency_seconds",
+            "Upstream latency to the complete response.",
+            ["route", "upstream", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.comparisons_total = Counter(
+            "shadowproxy_comparisons_total",
+            "Comparisons of shadow against primary by outcome.",
+            ["route", "shadow", "outcome"],
+            registry=r,
+        )
+        self.agreement_ratio = Gauge(
+            "shadowproxy_agreement_ratio",
+            "Share of agreeing comparisons over the last metrics.window comparable pairs.",
+            ["route", "shadow"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.latency_quantile = Gauge(
+            "shadowproxy_latency_quantile_seconds",
+            "Latency percentile over the last metrics.window responses.",
+            ["route", "upstream", "role", "percentile"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.mirror_in_flight = Gauge(
+            "shadowproxy_mirror_in_flight",
+            "Mirrored requests currently in flight.",
+            ["route", "shadow"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.mirror_dropped_total = Counter(
+            "shadowproxy_mirror_dropped_total",
+            "Mirrors not sent, by reason: saturated, body_too_large, overload.",
+            ["route", "shadow", "reason"],
+            registry=r,
+        )
+        self.records_total = Counter(
+            "shadowproxy_records_total",
+            "Pairs by where they went first: written, spooled, dropped.",
+            ["outcome"],
+            registry=r,
+        )
+        self.record_queue_depth = Gauge(
+            "shadowproxy_record_queue_depth",
+            "Records waiting in memory for the storage writer.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.spool_pending = Gauge(
+            "shadowproxy_spool_pending",
+            "Records in the spool waiting for the store.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.config_reloads_total = Counter(
+            "shadowproxy_config_reloads_total",
+            "Config reloads by outcome: ok, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "shadowproxy_config_info",
+            "The loaded config's sha256 (value 1).",
+            ["sha256"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.promotions_total = Counter(
+            "shadowproxy_promotions_total",
+            "Promotions performed, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.background_errors_total = Counter(
+            "shadowproxy_background_errors_total",
+            "Exceptions raised by background tasks, by task name.",
+            ["task"],
+            registry=r,
+        )
+        self._agreements: dict[tuple[str, str], deque[bool]] = {}
+        self._latencies: dict[tuple[str, str, str], deque[float]] = {}
+        self._config_sha = ""
+
+    def set_config(self, sha256: str) -> None:
+        if self._config_sha:
+            self.config_info.remove(self._config_sha)
+        self._config_sha = sha256
+        self.config_info.labels(sha256=sha256).set(1)
+
+    def observe_upstream(
+        self, route: str, upstream: str, role: str, code: str, latency_s: float | None
+    ) -> None:
+        self.requests_total.labels(route, upstream, role, code).inc()
+        if latency_s is not None:
+            self.upstream_latency.labels(route, upstream, role).observe(latency_s)
+            key = (route, upstream, role)
+            window = self._latencies.get(key)
+            if window is None:
+                window = self._latencies[key] = deque(maxlen=self.window)
+            window.append(latency_s)
+
+    def observe_comparison(self, route: str, shadow: str, outcome: str, agreement: bool | None) -> None:
+        self.comparisons_total.labels(route, shadow, outcome).inc()
+        if agreement is not None:
+            key = (route, shadow)
+            window = self._agreements.get(key)
+            if window is None:
+                window = self._agreements[key] = deque(maxlen=self.window)
+            window.append(agreement)
+
+    def refresh_rolling(self) -> None:
+        """Recompute the rolling gauges; called periodically, not per request."""
+        for (route, shadow), agreements in self._agreements.items():
+            if agreements:
+                self.agreement_ratio.labels(route, shadow).set(sum(agreements) / len(agreements))
+        for (route, upstream, role), latencies in self._latencies.items():
+            if not latencies:
+                continue
+            ordered = sorted(latencies)
+            for name, q in PERCENTILES:
+                value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+                self.latency_quantile.labels(route, upstream, role, name).set(value)
