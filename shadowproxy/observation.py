@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from shadowproxy.settings import CompareSettings
+
 
 @dataclass(frozen=True, slots=True)
 class RequestSnapshot:
@@ -42,6 +44,7 @@ class Exchange:
     request: RequestSnapshot
     primary: Observation
     shadow: Observation
+    compare: CompareSettings  # the route's rule at the time of the request
     config_sha: str
 
 

@@ -1,0 +1,39 @@
+"""The storage plug point: a store is a few async methods (PostgreSQL, SQLite, JSON Lines)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from shadowproxy.record import Record
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionRecord:
+    ts: float  # unix seconds
+    route: str
+    previous_primary: str
+    new_primary: str
+    config_sha: str
+    instance: str
+
+
+class Store(Protocol):
+    backend: str  # "postgresql" | "sqlite" | "jsonl"
+
+    async def open(self) -> None:
+        """Connect and create or upgrade the schema (safe with several replicas at once)."""
+
+    async def write(self, records: Sequence[Record]) -> None:
+        """Store a batch. Idempotent on (request_id, shadow_upstream).
+
+        Raises StorageUnavailable when the store cannot be reached right now.
+        """
+
+    async def record_promotion(self, promotion: PromotionRecord) -> None: ...
+
+    async def delete_older_than(self, cutoff_ts: float, batch_size: int) -> int:
+        """Delete up to batch_size records older than cutoff; return how many."""
+
+    async def close(self) -> None: ...
