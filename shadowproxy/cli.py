@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route")
     p.add_argument("--shadow")
     p.add_argument("--since", default="24h")
-    p.add_argument("--format", dest="fmt", default="text", choices=["text", "json", "markdown", "html"])
+    p.add_argument(
+        "--format", dest="fmt", default="text", choices=["text", "json", "markdown", "html"]
+    )
     p.add_argument("--output")
 
     p = sub.add_parser("promote", help="swap primary and shadow of a route")

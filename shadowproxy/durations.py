@@ -14,5 +14,7 @@ def parse_duration(text: str) -> float:
     """Seconds in a DURATION such as '15m'; UsageError naming the value otherwise."""
     match = _PATTERN.match(text)
     if match is None:
-        raise UsageError(f"invalid duration {text!r}: expected a number and a unit, e.g. 90s, 15m, 24h, 7d")
+        raise UsageError(
+            f"invalid duration {text!r}: expected a number and a unit, e.g. 90s, 15m, 24h, 7d"
+        )
     return float(match.group(1)) * _UNITS[match.group(2)]

@@ -1,10 +1,10 @@
 """The exception tree. Third-party errors are translated at the boundary.
 
-    ShadowProxyError
-    ├── ConfigError          routes.yaml invalid: carries "file:line: key: message"
-    ├── StorageError         a storage backend could not do its job
-    │   └── StorageUnavailable   the store is unreachable right now (spool and retry)
-    └── UsageError           bad CLI input (exit code 2)
+ShadowProxyError
+├── ConfigError          routes.yaml invalid: carries "file:line: key: message"
+├── StorageError         a storage backend could not do its job
+│   └── StorageUnavailable   the store is unreachable right now (spool and retry)
+└── UsageError           bad CLI input (exit code 2)
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ class ShadowProxyError(Exception):
 
 
 class ConfigError(ShadowProxyError):
-    def __init__(self, message: str, *, path: str = "", line: int | None = None, key: str = "") -> None:
+    def __init__(
+        self, message: str, *, path: str = "", line: int | None = None, key: str = ""
+    ) -> None:
         self.path = path
         self.line = line
         self.key = key

@@ -134,7 +134,9 @@ class Metrics:
                 window = self._latencies[key] = deque(maxlen=self.window)
             window.append(latency_s)
 
-    def observe_comparison(self, route: str, shadow: str, outcome: str, agreement: bool | None) -> None:
+    def observe_comparison(
+        self, route: str, shadow: str, outcome: str, agreement: bool | None
+    ) -> None:
         self.comparisons_total.labels(route, shadow, outcome).inc()
         if agreement is not None:
             key = (route, shadow)

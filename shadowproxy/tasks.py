@@ -41,11 +41,11 @@ class TaskGroup:
             if self._on_error is not None:
                 self._on_error(task.get_name(), exc)
 
-    async def wait(self, timeout: float | None) -> int:
+    async def wait(self, deadline_s: float | None) -> int:
         """Wait for the tasks to finish; return how many were still running at the deadline."""
         if not self._tasks:
             return 0
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=deadline_s)
         return len(pending)
 
     async def cancel_all(self) -> int:

@@ -1,0 +1,152 @@
+"""Fire-and-forget mirroring: bounded, counted, never awaited by the client's response.
+
+Each mirror job runs as an owned background task. The primary's observation and each
+shadow's meet in a ``PairJoin``; whichever side finishes last hands the Exchange to the
+sink, so no task ever waits on the other side.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import structlog
+from multidict import CIMultiDict
+
+from shadowproxy.metrics import Metrics
+from shadowproxy.observation import Exchange, ExchangeSink, Observation, RequestSnapshot
+from shadowproxy.overload import LoopLagMonitor
+from shadowproxy.runtime import Generation, Runtime
+from shadowproxy.settings import RouteSettings
+from shadowproxy.tasks import TaskGroup
+from shadowproxy.upstream import observe
+
+log = structlog.get_logger("shadowproxy.mirror")
+
+
+class PairJoin:
+    """Collects the primary observation and N shadow observations of one request."""
+
+    __slots__ = ("_config_sha", "_primary", "_request", "_route", "_sink", "_waiting")
+
+    def __init__(
+        self, request: RequestSnapshot, route: RouteSettings, sink: ExchangeSink, config_sha: str
+    ) -> None:
+        self._request = request
+        self._route = route
+        self._sink = sink
+        self._config_sha = config_sha
+        self._primary: Observation | None = None
+        self._waiting: list[Observation] = []
+
+    def _emit(self, primary: Observation, shadow: Observation) -> None:
+        self._sink.submit(
+            Exchange(self._request, primary, shadow, self._route.compare, self._config_sha)
+        )
+
+    def primary_done(self, primary: Observation) -> None:
+        self._primary = primary
+        waiting, self._waiting = self._waiting, []
+        for shadow in waiting:
+            self._emit(primary, shadow)
+
+    def shadow_done(self, shadow: Observation) -> None:
+        if self._primary is None:
+            self._waiting.append(shadow)
+        else:
+            self._emit(self._primary, shadow)
+
+
+class MirrorDispatcher:
+    def __init__(
+        self,
+        runtime: Runtime,
+        metrics: Metrics,
+        sink: ExchangeSink,
+        tasks: TaskGroup,
+        overload: LoopLagMonitor,
+        *,
+        capture_limit: Callable[[], int],
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._runtime = runtime
+        self._metrics = metrics
+        self._sink = sink
+        self._tasks = tasks
+        self._overload = overload
+        self._capture_limit = capture_limit
+        self._rng = rng
+        self.in_flight: dict[tuple[str, str], int] = {}
+
+    def _drop(self, route: str, shadow: str, reason: str) -> None:
+        self._metrics.mirror_dropped_total.labels(route, shadow, reason).inc()
+
+    def dispatch(
+        self,
+        generation: Generation,
+        route: RouteSettings,
+        request: RequestSnapshot,
+        headers: CIMultiDict[str],
+    ) -> PairJoin | None:
+        """Start the route's mirrors for this request; returns the join the primary must complete."""
+        if not route.shadows or (route.sample_rate < 1.0 and self._rng() >= route.sample_rate):
+            return None
+        if len(request.body) > route.mirror.max_body_bytes:
+            for shadow in route.shadows:
+                self._drop(route.name, shadow, "body_too_large")
+            return None
+        if self._overload.overloaded:
+            for shadow in route.shadows:
+                self._drop(route.name, shadow, "overload")
+            return None
+        join: PairJoin | None = None
+        mirror_headers = headers.copy()
+        mirror_headers[route.mirror.header] = "1"
+        for shadow in route.shadows:
+            key = (route.name, shadow)
+            count = self.in_flight.get(key, 0)
+            if count >= route.mirror.max_in_flight:
+                self._drop(route.name, shadow, "saturated")
+                continue
+            if join is None:
+                join = PairJoin(request, route, self._sink, generation.settings.sha256)
+            self.in_flight[key] = count + 1
+            self._metrics.mirror_in_flight.labels(route.name, shadow).inc()
+            generation.in_use += 1  # released when the mirror finishes
+            self._tasks.spawn(
+                self._mirror(generation, route.name, shadow, request, mirror_headers, join),
+                name=f"mirror:{route.name}:{shadow}",
+            )
+        return join
+
+    async def _mirror(
+        self,
+        generation: Generation,
+        route: str,
+        shadow: str,
+        request: RequestSnapshot,
+        headers: CIMultiDict[str],
+        join: PairJoin,
+    ) -> None:
+        key = (route, shadow)
+        try:
+            raw_path = request.path + ("?" + request.query if request.query else "")
+            observation = await observe(
+                generation.shadows[shadow],
+                request.method,
+                raw_path,
+                headers,
+                request.body,
+                self._capture_limit(),
+            )
+        finally:
+            self.in_flight[key] -= 1
+            self._metrics.mirror_in_flight.labels(route, shadow).dec()
+            self._runtime.release(generation)
+        code = (
+            str(observation.status)
+            if observation.status is not None
+            else observation.error or "error"
+        )
+        self._metrics.observe_upstream(route, shadow, "shadow", code, observation.latency_ms / 1000)
+        join.shadow_done(observation)

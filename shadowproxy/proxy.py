@@ -1,0 +1,264 @@
+"""The request path: route, forward to the primary, stream its answer back, hand off mirrors.
+
+Nothing here waits for a shadow. The primary's answer is captured (up to the capture
+limit) as it streams past, and completes the request's ``PairJoin`` when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_id_from
+from shadowproxy.metrics import Metrics
+from shadowproxy.mirror import MirrorDispatcher, PairJoin
+from shadowproxy.observation import Observation, RequestSnapshot
+from shadowproxy.runtime import Generation, Runtime
+from shadowproxy.settings import RouteSettings
+from shadowproxy.upstream import UpstreamClient, error_kind
+
+log = structlog.get_logger("shadowproxy.proxy")
+
+# Answers up to this size with a Content-Length are read whole and sent in one write;
+# anything else (chunked, event streams, large bodies) is streamed chunk by chunk.
+_WHOLE_BODY_LIMIT = 64 * 1024
+_DROP_REQUEST = frozenset(
+    {
+        "host",
+        "content-length",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    }
+)
+_DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def error_response(status: int, message: str, request_id: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": message, "request_id": request_id}),
+        content_type="application/json",
+        headers={REQUEST_ID: request_id},
+    )
+
+
+async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
+    """The whole request body, at most ``limit`` bytes; each chunk must arrive within the idle timeout."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    content = request.content
+    while True:
+        async with asyncio.timeout(idle_timeout_s):
+            chunk = await content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        runtime: Runtime,
+        dispatcher: MirrorDispatcher,
+        metrics: Metrics,
+        *,
+        capture_limit: Callable[[], int],
+    ) -> None:
+        self._runtime = runtime
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._capture_limit = capture_limit
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        request_id = request_id_from(request.headers)
+        raw_path = request.raw_path
+        if not raw_path.startswith("/"):
+            # Absolute-form or authority-form targets: the upstream is chosen by config only.
+            return error_response(400, "request target must be an absolute path", request_id)
+        generation = self._runtime.acquire()
+        try:
+            path = request.path
+            route = generation.table.match(request.method, path, request.host)
+            if route is None:
+                return error_response(404, f"no route matches {request.method} {path}", request_id)
+            return await self._forward(request, generation, route, request_id, raw_path)
+        finally:
+            self._runtime.release(generation)
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        generation: Generation,
+        route: RouteSettings,
+        request_id: str,
+        raw_path: str,
+    ) -> web.StreamResponse:
+        settings = generation.settings.server
+        received = time.time()
+        try:
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        except BodyTooLarge:
+            return error_response(
+                413, f"request body over {settings.max_body_bytes} bytes", request_id
+            )
+        except TimeoutError:
+            return error_response(408, "request body not received in time", request_id)
+
+        headers = end_to_end(request.headers, _DROP_REQUEST)
+        headers[REQUEST_ID] = request_id
+        headers["X-Forwarded-For"] = forwarded_for(
+            request.headers.get("X-Forwarded-For"), request.remote
+        )
+        headers["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+
+        join: PairJoin | None = None
+        if route.shadows:
+            snapshot = RequestSnapshot(
+                request_id=request_id,
+                ts=received,
+                route=route.name,
+                method=request.method,
+                path=request.path,
+                query=request.query_string,
+                headers=tuple((str(k), v) for k, v in headers.items()),
+                body=body,
+            )
+            join = self._dispatcher.dispatch(generation, route, snapshot, headers)
+        client = generation.primaries[route.primary]
+        return await self._primary(
+            request, client, route, raw_path, headers, body, request_id, join
+        )
+
+    async def _primary(
+        self,
+        request: web.BaseRequest,
+        client: UpstreamClient,
+        route: RouteSettings,
+        raw_path: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        request_id: str,
+        join: PairJoin | None,
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        capture_limit = self._capture_limit() if join is not None else 0
+        captured: list[bytes] = []
+        captured_size = 0
+        truncated = False
+        status: int | None = None
+        response_headers: tuple[tuple[str, str], ...] = ()
+        error: str | None = None
+        try:
+            try:
+                upstream = await client.session.request(
+                    request.method,
+                    client.url(raw_path),
+                    headers=headers,
+                    data=body if body else None,
+                    allow_redirects=False,
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                error = error_kind(exc)
+                code = 504 if error == "timeout" else 502
+                return error_response(
+                    code, f"primary upstream {client.settings.name}: {error}", request_id
+                )
+            try:
+                status = upstream.status
+                response_headers = tuple((str(k), v) for k, v in upstream.headers.items())
+                out_headers = end_to_end(upstream.headers, _DROP_RESPONSE)
+                out_headers[REQUEST_ID] = request_id
+                length = upstream.content_length
+                if request.method != "HEAD" and length is not None and length <= _WHOLE_BODY_LIMIT:
+                    try:
+                        data = await upstream.read()
+                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                        error = error_kind(exc)
+                        code = 504 if error == "timeout" else 502
+                        return error_response(
+                            code, f"primary upstream {client.settings.name}: {error}", request_id
+                        )
+                    if join is not None:
+                        captured.append(data[:capture_limit])
+                        truncated = len(data) > capture_limit
+                    return web.Response(
+                        status=status, reason=upstream.reason, headers=out_headers, body=data
+                    )
+                response = web.StreamResponse(
+                    status=status, reason=upstream.reason, headers=out_headers
+                )
+                if length is not None:
+                    response.content_length = length
+                await response.prepare(request)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        if join is not None and not truncated:
+                            room = capture_limit - captured_size
+                            if len(chunk) > room:
+                                captured.append(chunk[:room])
+                                truncated = True
+                            else:
+                                captured.append(chunk)
+                            captured_size += min(len(chunk), room)
+                        await response.write(chunk)
+                except (
+                    TimeoutError,
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientOSError,
+                    aiohttp.ServerDisconnectedError,
+                ) as exc:
+                    # The head is already sent: abort the client connection so a cut answer
+                    # never looks complete.
+                    error = error_kind(exc)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                except ConnectionResetError:
+                    truncated = True  # the client went away; the pair is still recorded
+                    return response
+                await response.write_eof()
+                return response
+            finally:
+                upstream.release()
+        finally:
+            latency_s = time.perf_counter() - started
+            code_label = str(status) if status is not None and error is None else (error or "error")
+            self._metrics.observe_upstream(
+                route.name, route.primary, "primary", code_label, latency_s
+            )
+            if join is not None:
+                join.primary_done(
+                    Observation(
+                        upstream=route.primary,
+                        status=status,
+                        headers=response_headers,
+                        body=b"".join(captured),
+                        body_truncated=truncated,
+                        latency_ms=latency_s * 1000,
+                        error=error,
+                    )
+                )

@@ -1,0 +1,162 @@
+"""`shadowproxy serve`: one process, or a supervisor of N workers sharing the port.
+
+Workers are fresh interpreters (not forks) so each imports prometheus_client with
+PROMETHEUS_MULTIPROC_DIR already set: counters from all workers add up in one scrape.
+Worker 0 also runs the admin listener; a reload or promotion there is passed to the
+other workers through the supervisor (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import structlog
+
+from shadowproxy.config import load_settings
+from shadowproxy.errors import ConfigError
+from shadowproxy.service import Overrides, Service
+from shadowproxy.settings import Settings
+
+log = structlog.get_logger("shadowproxy.server")
+
+_WORKER_ENV = "SHADOWPROXY_WORKER_INDEX"
+
+
+def assert_c_parser() -> None:
+    """Refuse to run on aiohttp's pure-Python HTTP parser: it is laxer about smuggling."""
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        raise SystemExit(
+            "shadowproxy: aiohttp's C HTTP parser (llhttp) is not available; refusing to start"
+        )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from shadowproxy.logs import configure_logging
+
+    configure_logging(os.environ.get("SHADOWPROXY_LOG_LEVEL", "info"))
+    overrides = Overrides(
+        host=args.host,
+        port=args.port,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        database_url=args.database_url,
+    )
+    try:
+        settings = overrides.apply(load_settings(args.config))
+    except ConfigError as exc:
+        print(f"shadowproxy serve: {exc}", file=sys.stderr)
+        return 2
+    assert_c_parser()
+    workers = max(1, int(args.workers or 1))
+    if workers > 1 and _WORKER_ENV not in os.environ:
+        return supervise(args, workers)
+    index = int(os.environ.get(_WORKER_ENV, "0"))
+    return run_worker(settings, overrides, worker_index=index, multi=_WORKER_ENV in os.environ)
+
+
+def run_worker(settings: Settings, overrides: Overrides, *, worker_index: int, multi: bool) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        pass
+
+    async def main() -> int:
+        base = os.environ.get("SHADOWPROXY_INSTANCE") or os.uname().nodename
+        service = Service(
+            settings,
+            overrides=overrides,
+            instance=f"{base}-w{worker_index}" if multi else base,
+            worker_index=worker_index,
+            reuse_port=multi,
+            notify_siblings=multi,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: service.tasks.spawn(_sighup(service), name="sighup-reload")
+        )
+        await service.start(admin=worker_index == 0)
+        await stop.wait()
+        log.info("stopping", signal="SIGTERM")
+        await service.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+async def _sighup(service: Service) -> None:
+    with contextlib.suppress(ConfigError):
+        await service.reload(source="SIGHUP")
+
+
+def supervise(args: argparse.Namespace, workers: int) -> int:
+    """Run N worker processes; forward SIGHUP/SIGTERM; restart a worker that dies."""
+    metrics_dir = tempfile.mkdtemp(prefix="shadowproxy-metrics-")
+    argv = (
+        [sys.executable, "-m", "shadowproxy", *sys.argv[1:]]
+        if sys.argv[0].endswith("shadowproxy")
+        else None
+    )
+    if argv is None:
+        argv = [sys.executable, "-m", "shadowproxy", "serve", "--config", args.config]
+        for flag, value in (
+            ("--host", args.host),
+            ("--port", args.port),
+            ("--admin-host", args.admin_host),
+            ("--admin-port", args.admin_port),
+            ("--database-url", args.database_url),
+        ):
+            if value is not None:
+                argv += [flag, str(value)]
+    stopping = False
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(index: int) -> None:
+        env = dict(os.environ, **{_WORKER_ENV: str(index), "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
+        procs[index] = subprocess.Popen(argv, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for index in range(workers):
+        start(index)
+    log.info("supervisor_started", workers=workers, pids=[p.pid for p in procs.values()])
+    exit_code = 0
+    while procs:
+        time.sleep(0.2)
+        for index, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+            del procs[index]
+            if not stopping:
+                log.error("worker_died", worker=index, pid=proc.pid, code=code)
+                time.sleep(1.0)
+                start(index)
+            elif code != 0:
+                exit_code = code
+    return exit_code
