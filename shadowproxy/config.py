@@ -267,12 +267,26 @@ def _jmespath(n: Node) -> str:
     return expression
 
 
+def _ignore_paths(n: Node) -> tuple[str, ...]:
+    from shadowproxy.compare import parse_path
+
+    paths = []
+    for element in n.elements():
+        path = element.as_str()
+        try:
+            parse_path(path)
+        except ValueError as exc:
+            raise element.error(str(exc)) from None
+        paths.append(path)
+    return tuple(paths)
+
+
 _COMPARE_KEYS: dict[str, Callable[[Node], Any]] = {
     "preset": Node.as_str,
     "label": _jmespath,
     "score": _jmespath,
     "tolerance": lambda n: n.as_float(0),
-    "ignore": Node.str_list,
+    "ignore": _ignore_paths,
     "similarity": lambda n: n.as_float(0, 1),
 }
 

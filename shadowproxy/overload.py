@@ -17,13 +17,21 @@ class LoopLagMonitor:
         self.threshold_s = threshold_s
         self.overloaded = False
         self.lag_s = 0.0
+        self.ticks = 0
+        self.tick_event = asyncio.Event()  # set after each sample, for tests and waiters
+
+    def sample(self, lag_s: float) -> None:
+        self.lag_s = lag_s
+        if lag_s > self.threshold_s:
+            self.overloaded = True
+        elif lag_s < self.threshold_s / 2:
+            self.overloaded = False
+        self.ticks += 1
+        self.tick_event.set()
+        self.tick_event.clear()
 
     async def run(self) -> None:
         while True:
             started = time.perf_counter()
             await asyncio.sleep(self.interval_s)
-            self.lag_s = max(0.0, time.perf_counter() - started - self.interval_s)
-            if self.lag_s > self.threshold_s:
-                self.overloaded = True
-            elif self.lag_s < self.threshold_s / 2:
-                self.overloaded = False
+            self.sample(max(0.0, time.perf_counter() - started - self.interval_s))
