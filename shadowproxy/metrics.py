@@ -112,6 +112,12 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.connections_rejected_total = Counter(
+            "shadowproxy_connections_rejected_total",
+            "Client connections closed by the listener: header_timeout, max_connections, malformed, internal_error.",
+            ["reason"],
+            registry=r,
+        )
         self._agreements: dict[tuple[str, str], deque[bool]] = {}
         self._latencies: dict[tuple[str, str, str], deque[float]] = {}
         self._config_sha = ""

@@ -42,17 +42,24 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
 
 
+def _ascii_headers(raw: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return all(name.isascii() and value.isascii() for name, value in raw)
+
+
 class BodyTooLarge(Exception):
     pass
 
 
 def error_response(status: int, message: str, request_id: str) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=status,
         body=orjson.dumps({"error": message, "request_id": request_id}),
         content_type="application/json",
         headers={REQUEST_ID: request_id},
     )
+    if status in (400, 408, 413):
+        response.force_close()  # the rest of what this client sent cannot be trusted or is unread
+    return response
 
 
 async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
@@ -97,6 +104,9 @@ class ProxyHandler:
         if not raw_path.startswith("/"):
             # Absolute-form or authority-form targets: the upstream is chosen by config only.
             return error_response(400, "request target must be an absolute path", request_id)
+        if not _ascii_headers(request.raw_headers):
+            # aiohttp's client would silently drop the non-ASCII bytes: refuse rather than alter.
+            return error_response(400, "request headers contain non-ASCII bytes", request_id)
         generation = self._runtime.acquire()
         try:
             path = request.path
@@ -188,6 +198,11 @@ class ProxyHandler:
                     code, f"primary upstream {client.settings.name}: {error}", request_id
                 )
             try:
+                if not _ascii_headers(upstream.raw_headers):
+                    error = "protocol"
+                    message = f"primary upstream {client.settings.name}: non-ASCII bytes in response headers"
+                    upstream.close()  # never reuse a connection that spoke oddly
+                    return error_response(502, message, request_id)
                 status = upstream.status
                 response_headers = tuple((str(k), v) for k, v in upstream.headers.items())
                 out_headers = end_to_end(upstream.headers, _DROP_RESPONSE)

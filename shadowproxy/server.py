@@ -30,16 +30,6 @@ log = structlog.get_logger("shadowproxy.server")
 _WORKER_ENV = "SHADOWPROXY_WORKER_INDEX"
 
 
-def assert_c_parser() -> None:
-    """Refuse to run on aiohttp's pure-Python HTTP parser: it is laxer about smuggling."""
-    from aiohttp import http_parser
-
-    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
-        raise SystemExit(
-            "shadowproxy: aiohttp's C HTTP parser (llhttp) is not available; refusing to start"
-        )
-
-
 def serve_command(args: argparse.Namespace) -> int:
     from shadowproxy.logs import configure_logging
 
@@ -56,7 +46,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"shadowproxy serve: {exc}", file=sys.stderr)
         return 2
-    assert_c_parser()
     workers = max(1, int(args.workers or 1))
     if workers > 1 and _WORKER_ENV not in os.environ:
         return supervise(args, workers)

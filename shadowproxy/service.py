@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from shadowproxy.config import load_settings
 from shadowproxy.errors import ConfigError
+from shadowproxy.listener import GuardedServer, assert_c_parser
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher
 from shadowproxy.overload import LoopLagMonitor
@@ -135,8 +136,12 @@ class Service:
         await self.recorder.start()
         self.tasks.spawn(self.overload.run(), name="loop-lag-monitor")
         self.tasks.spawn(self._refresh_rolling_metrics(), name="rolling-metrics")
-        server = web.Server(
+        assert_c_parser()
+        server = GuardedServer(
             self.handler,
+            header_timeout_s=settings.server.header_timeout_s,
+            max_connections=settings.server.max_connections,
+            on_reject=lambda reason: self.metrics.connections_rejected_total.labels(reason).inc(),
             keepalive_timeout=settings.server.keepalive_timeout_s,
             access_log=None,
         )
