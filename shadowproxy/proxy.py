@@ -42,6 +42,18 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
 
 
+def _failed(upstream: str, error: str) -> Observation:
+    return Observation(
+        upstream=upstream,
+        status=None,
+        headers=(),
+        body=b"",
+        body_truncated=False,
+        latency_ms=0.0,
+        error=error,
+    )
+
+
 def _ascii_headers(raw: tuple[tuple[bytes, bytes], ...]) -> bool:
     return all(name.isascii() and value.isascii() for name, value in raw)
 

@@ -28,6 +28,11 @@ class UpstreamClient:
         self.settings = settings
         self.role = role
         self.base = settings.url
+        self.limit = limit
+        # Requests beyond the pool wait here, at most `limit` of them and at most the
+        # connect timeout; past that the proxy answers 503 instead of queueing without end.
+        self._slots = asyncio.Semaphore(limit)
+        self.waiting = 0
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=60)
         if role == "primary":
             # No total deadline: a streamed answer may legitimately last long; a silent
@@ -48,6 +53,26 @@ class UpstreamClient:
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    async def acquire(self) -> bool:
+        """A pool slot for one request, or False when the pool stays exhausted."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        if self.waiting >= self.limit:
+            return False
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_ms / 1000):
+                await self._slots.acquire()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
 
     def url(self, raw_path: str) -> URL:
         """The upstream URL for a request target; only the configured origin is ever used."""

@@ -45,6 +45,7 @@ METRICS: dict[str, frozenset[str]] = {
         "shadowproxy_config_info": "sha256",
         "shadowproxy_promotions_total": "route",
         "shadowproxy_background_errors_total": "task",
+        "shadowproxy_connections_rejected_total": "reason",
     }.items()
 }
 HISTOGRAMS = {"shadowproxy_upstream_latency_seconds"}
