@@ -268,34 +268,38 @@ class Service:
     async def reload(self, *, source: str = "admin") -> dict[str, Any]:
         """Validate the file fully, then swap; on error keep serving the old config."""
         async with self._reload_lock:
-            try:
-                new = self.overrides.apply(load_settings(self.config_path))
-            except ConfigError as exc:
-                self.metrics.config_reloads_total.labels("error").inc()
-                log.error("config_reload_failed", source=source, error=str(exc))
-                raise
-            old = self.settings
-            if new.storage.url != old.storage.url:
-                log.warning(
-                    "storage_url_change_needs_restart", old=old.storage.url, new=new.storage.url
-                )
-            changes = self.runtime.swap(new)
-            self.pipeline.storage = new.storage
-            self.loaded_at = time.time()
-            self.metrics.config_reloads_total.labels("ok").inc()
-            self.metrics.set_config(new.sha256)
-            if self.watcher is not None:
-                self.watcher.acknowledge(new.sha256)
-            log.info("config_reloaded", source=source, **changes)
-            return {"reloaded": True, "changes": changes}
+            return self._reload_locked(source)
+
+    def _reload_locked(self, source: str) -> dict[str, Any]:
+        try:
+            new = self.overrides.apply(load_settings(self.config_path))
+        except ConfigError as exc:
+            self.metrics.config_reloads_total.labels("error").inc()
+            log.error("config_reload_failed", source=source, error=str(exc))
+            raise
+        old = self.settings
+        if new.storage.url != old.storage.url:
+            log.warning(
+                "storage_url_change_needs_restart", old=old.storage.url, new=new.storage.url
+            )
+        changes = self.runtime.swap(new)
+        self.pipeline.storage = new.storage
+        self.loaded_at = time.time()
+        self.metrics.config_reloads_total.labels("ok").inc()
+        self.metrics.set_config(new.sha256)
+        if self.watcher is not None:
+            self.watcher.acknowledge(new.sha256)
+        log.info("config_reloaded", source=source, **changes)
+        return {"reloaded": True, "changes": changes}
 
     async def _reload_from_watcher(self) -> None:
         with contextlib.suppress(ConfigError):  # logged and counted; the old config keeps serving
             await self.reload(source="watcher")
 
     async def promote(self, route: str, shadow: str | None) -> dict[str, Any]:
-        result = await asyncio.to_thread(swap_primary, self.config_path, route, shadow)
-        outcome = await self.reload(source="promote")
+        async with self._reload_lock:  # one promotion or reload at a time: no lost update
+            result = await asyncio.to_thread(swap_primary, self.config_path, route, shadow)
+            outcome = self._reload_locked("promote")
         self.metrics.promotions_total.labels(route).inc()
         await self.recorder.record_promotion(
             PromotionRecord(
