@@ -6,6 +6,7 @@ it is logged and counted as a dropped record, and the request path never sees it
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -49,7 +50,9 @@ class ComparisonPipeline:
                 comparison.outcome,
                 comparison.agreement,
             )
-            record = build_record(exchange, comparison, self.storage, self._instance)
+            # Bodies are stored as compared: decoded, so a gzip answer is readable in the row.
+            decoded_exchange = replace(exchange, primary=primary, shadow=shadow)
+            record = build_record(decoded_exchange, comparison, self.storage, self._instance)
         except Exception as exc:  # contained: a bad pair must not hurt the next one
             log.error("pair_processing_failed", route=exchange.request.route, error=repr(exc))
             self._metrics.background_errors_total.labels("pipeline").inc()

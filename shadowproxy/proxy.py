@@ -22,7 +22,7 @@ from shadowproxy.mirror import MirrorDispatcher, PairJoin
 from shadowproxy.observation import Observation, RequestSnapshot
 from shadowproxy.runtime import Generation, Runtime
 from shadowproxy.settings import RouteSettings
-from shadowproxy.upstream import UpstreamClient, error_kind
+from shadowproxy.upstream import UpstreamClient, error_kind, request_payload
 
 log = structlog.get_logger("shadowproxy.proxy")
 
@@ -171,9 +171,20 @@ class ProxyHandler:
             )
             join = self._dispatcher.dispatch(generation, route, snapshot, headers)
         client = generation.primaries[route.primary]
-        return await self._primary(
-            request, client, route, raw_path, headers, body, request_id, join
-        )
+        if not await client.acquire():
+            if join is not None:
+                join.primary_done(_failed(route.primary, "pool_exhausted"))
+            self._metrics.observe_upstream(
+                route.name, route.primary, "primary", "pool_exhausted", None
+            )
+            message = f"primary upstream {route.primary}: connection pool exhausted"
+            return error_response(503, message, request_id)
+        try:
+            return await self._primary(
+                request, client, route, raw_path, headers, body, request_id, join
+            )
+        finally:
+            client.release()
 
     async def _primary(
         self,
@@ -200,7 +211,7 @@ class ProxyHandler:
                     request.method,
                     client.url(raw_path),
                     headers=headers,
-                    data=body if body else None,
+                    data=request_payload(body),
                     allow_redirects=False,
                 )
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ into the error kinds PRODUCT.md names.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import aiohttp
@@ -82,6 +83,16 @@ class UpstreamClient:
         await self.session.close()
 
 
+_LARGE_BODY = 1024 * 1024
+
+
+def request_payload(body: bytes) -> bytes | io.BytesIO | None:
+    """What to hand aiohttp as the body: large ones as a stream so writing them yields to the loop."""
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > _LARGE_BODY else body
+
+
 def error_kind(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"
@@ -110,7 +121,7 @@ async def observe(
             method,
             client.url(raw_path),
             headers=headers,
-            data=body if body else None,
+            data=request_payload(body),
             allow_redirects=False,
         ) as response:
             chunks: list[bytes] = []

@@ -52,7 +52,10 @@ async def test_forwarding_preserves_request_and_sets_proxy_headers(tmp_path: Pat
     primary = await serve(echo_app(seen=seen))
     primary_host = url(primary).removeprefix("http://")
     config = write_config(tmp_path, {"p": url(primary)}, [{"name": "all", "primary": "p"}])
-    async with running_service(config) as service, aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",)) as client:
+    async with (
+        running_service(config) as service,
+        aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",)) as client,
+    ):
         async with client.post(
             URL(f"http://127.0.0.1:{service.proxy_port}/predict/x?b=2&a=1&a=%2F", encoded=True),
             data=b'{"x": [1, 2]}',
