@@ -1,0 +1,183 @@
+"""Metrics as PRODUCT.md names them, matching the traffic sent; exposition that promtool accepts."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import string
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from shadowproxy.metrics import Metrics
+from tests.proxyharness import running_service, sample, wait_until, write_config
+
+
+def test_rolling_gauges_cover_the_last_window_only() -> None:
+    metrics = Metrics(CollectorRegistry(), window=10)
+    for _ in range(10):
+        metrics.observe_comparison("r", "s", "disagree", False)
+    for _ in range(10):
+        metrics.observe_comparison("r", "s", "agree", True)
+    metrics.observe_comparison("r", "s", "shadow_error", None)  # not comparable: not in the ratio
+    for latency in range(1, 101):
+        metrics.observe_upstream("r", "p", "primary", "200", latency / 1000)
+    metrics.refresh_rolling()
+    registry = metrics.registry
+    assert (
+        registry.get_sample_value("shadowproxy_agreement_ratio", {"route": "r", "shadow": "s"})
+        == 1.0
+    )
+    labels = {"route": "r", "upstream": "p", "role": "primary"}
+    # The window holds the last 10 latencies: 91..100 ms.
+    assert (
+        registry.get_sample_value(
+            "shadowproxy_latency_quantile_seconds", {**labels, "percentile": "p50"}
+        )
+        == 0.096
+    )
+    assert (
+        registry.get_sample_value(
+            "shadowproxy_latency_quantile_seconds", {**labels, "percentile": "p99"}
+        )
+        == 0.1
+    )
+    assert (
+        registry.get_sample_value(
+            "shadowproxy_comparisons_total", {"route": "r", "shadow": "s", "outcome": "agree"}
+        )
+        == 10
+    )
+
+
+def test_config_info_keeps_one_series() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_config("a" * 64)
+    metrics.set_config("b" * 64)
+    assert (
+        metrics.registry.get_sample_value("shadowproxy_config_info", {"sha256": "a" * 64}) is None
+    )
+    assert metrics.registry.get_sample_value("shadowproxy_config_info", {"sha256": "b" * 64}) == 1
+
+
+async def upstream(payload: dict[str, str]) -> TestServer:
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(payload)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def test_metrics_match_traffic_and_random_paths_add_no_series(tmp_path: Path) -> None:
+    p, s = await upstream({"prediction": "a"}), await upstream({"prediction": "b"})
+    urls = {"p": str(p.make_url("")).rstrip("/"), "s": str(s.make_url("")).rstrip("/")}
+    routes = [
+        {
+            "name": "r",
+            "match": {"path_prefix": "/predict"},
+            "primary": "p",
+            "shadows": ["s"],
+            "compare": {"label": "prediction"},
+        }
+    ]
+    async with (
+        running_service(write_config(tmp_path, urls, routes)) as service,
+        aiohttp.ClientSession() as client,
+    ):
+        for _ in range(30):
+            async with client.post(
+                f"http://127.0.0.1:{service.proxy_port}/predict", data=b"{}"
+            ) as r:
+                assert r.status == 200
+        await wait_until(
+            lambda: sample(service, "shadowproxy_records_total", outcome="written") == 30
+        )
+        service.metrics.refresh_rolling()
+        assert (
+            sample(
+                service,
+                "shadowproxy_requests_total",
+                route="r",
+                upstream="p",
+                role="primary",
+                code="200",
+            )
+            == 30
+        )
+        assert (
+            sample(
+                service,
+                "shadowproxy_requests_total",
+                route="r",
+                upstream="s",
+                role="shadow",
+                code="200",
+            )
+            == 30
+        )
+        assert (
+            sample(
+                service, "shadowproxy_comparisons_total", route="r", shadow="s", outcome="disagree"
+            )
+            == 30
+        )
+        assert sample(service, "shadowproxy_agreement_ratio", route="r", shadow="s") == 0.0
+        assert (
+            sample(
+                service,
+                "shadowproxy_upstream_latency_seconds_count",
+                route="r",
+                upstream="p",
+                role="primary",
+            )
+            == 30
+        )
+        assert sample(service, "shadowproxy_mirror_in_flight", route="r", shadow="s") == 0
+
+        async with client.get(f"http://127.0.0.1:{service.admin_port}/metrics") as r:
+            before = await r.text()
+        rng = random.Random(7)
+        for _ in range(10_000):
+            path = "/" + "".join(
+                rng.choice(string.ascii_letters + string.digits + "-_.~") for _ in range(12)
+            )
+            async with client.get(f"http://127.0.0.1:{service.proxy_port}{path}") as r:
+                assert r.status == 404
+        async with client.get(f"http://127.0.0.1:{service.admin_port}/metrics") as r:
+            after = await r.text()
+
+        def series(text: str) -> set[str]:
+            return {
+                line.split(" ")[0]
+                for line in text.splitlines()
+                if line and not line.startswith("#")
+            }
+
+        assert series(after) == series(before)
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("promtool is missing in CI (make deploy-tools installs it)")
+        else:
+            check = subprocess.run(
+                [promtool, "check", "metrics"],
+                input=after,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert check.returncode == 0 and check.stdout == "" and check.stderr == "", (
+                check.stdout + check.stderr
+            )
+    await p.close()
+    await s.close()
