@@ -267,7 +267,9 @@ async def test_slow_reader_backpressures_the_primary(tmp_path: Path) -> None:
     primary = await start_upstream(huge)
     config = write_config(tmp_path, {"p": primary.url}, [{"name": "r", "primary": "p"}])
     async with running_service(config) as service:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", service.proxy_port, limit=65536)
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.proxy_port, limit=65536
+        )
         writer.transport.pause_reading()  # a client that never reads
         writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
         last = -1
