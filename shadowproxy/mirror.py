@@ -77,9 +77,17 @@ class MirrorDispatcher:
         self._capture_limit = capture_limit
         self._rng = rng
         self.in_flight: dict[tuple[str, str], int] = {}
+        self._drops: dict[tuple[str, str, str], int] = {}
 
     def _drop(self, route: str, shadow: str, reason: str) -> None:
         self._metrics.mirror_dropped_total.labels(route, shadow, reason).inc()
+        key = (route, shadow, reason)
+        self._drops[key] = self._drops.get(key, 0) + 1
+
+    def take_drop_summary(self) -> dict[str, int]:
+        """Drops since the last call, as {"route/shadow/reason": count}: one log line per burst."""
+        drops, self._drops = self._drops, {}
+        return {"/".join(key): count for key, count in sorted(drops.items())}
 
     def dispatch(
         self,

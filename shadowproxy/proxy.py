@@ -25,6 +25,7 @@ from shadowproxy.settings import RouteSettings
 from shadowproxy.upstream import UpstreamClient, error_kind, request_payload
 
 log = structlog.get_logger("shadowproxy.proxy")
+access_log = structlog.get_logger("shadowproxy.access")
 
 # Answers up to this size with a Content-Length are read whole and sent in one write;
 # anything else (chunked, event streams, large bodies) is streamed chunk by chunk.
@@ -111,6 +112,22 @@ class ProxyHandler:
         self._capture_limit = capture_limit
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not self._runtime.settings.server.access_log:
+            return await self._handle(request)
+        started = time.perf_counter()
+        response = await self._handle(request)
+        access_log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+            request_id=response.headers.get(REQUEST_ID),
+            remote=request.remote,
+        )
+        return response
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request_id_from(request.headers)
         raw_path = request.raw_path
         if not raw_path.startswith("/"):

@@ -213,8 +213,14 @@ class Service:
         )
 
     async def _refresh_rolling_metrics(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                drops = self.dispatcher.take_drop_summary()
+                if drops:
+                    log.warning("mirrors_dropped", window_s=10, drops=drops)
             self.metrics.refresh_rolling()
             status = self.recorder.status()
             self.metrics.record_queue_depth.set(status.get("queue_depth", 0))

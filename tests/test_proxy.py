@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 from yarl import URL
 
 from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
@@ -353,7 +354,38 @@ async def test_sample_rate_zero_and_body_limit_and_saturation_are_counted(tmp_pa
         )
         assert sample(service, "shadowproxy_mirror_in_flight", route="small", shadow="s") == 2
         assert service.dispatcher.in_flight[("small", "s")] == 2
+        assert service.dispatcher.take_drop_summary() == {
+            "small/s/body_too_large": 1,
+            "small/s/saturated": 3,
+        }
+        assert service.dispatcher.take_drop_summary() == {}  # one log line per burst, then reset
         hang.set()
         await wait_until(lambda: service.dispatcher.in_flight[("small", "s")] == 0)
     await primary.close()
     await shadow.close()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_access_log_is_opt_in(tmp_path: Path, enabled: bool) -> None:
+    primary = await serve(echo_app())
+    config = write_config(
+        tmp_path,
+        {"p": url(primary)},
+        [{"name": "all", "primary": "p"}],
+        server={"access_log": enabled},
+    )
+    async with running_service(config) as service, aiohttp.ClientSession() as client:
+        with capture_logs() as logs:
+            for _ in range(3):
+                async with client.get(
+                    f"http://127.0.0.1:{service.proxy_port}/a?b=c", headers={"X-Request-ID": "acc"}
+                ) as r:
+                    assert r.status == 200
+    await primary.close()
+    requests = [entry for entry in logs if entry["event"] == "request"]
+    if not enabled:
+        assert requests == []  # nothing per request by default
+    else:
+        assert len(requests) == 3
+        assert requests[0]["method"] == "GET" and requests[0]["path"] == "/a"
+        assert requests[0]["status"] == 200 and requests[0]["request_id"] == "acc"
