@@ -62,11 +62,13 @@ def run_worker(settings: Settings, overrides: Overrides, *, worker_index: int, m
         pass
 
     async def main() -> int:
-        base = os.environ.get("SHADOWPROXY_INSTANCE") or os.uname().nodename
+        # The record's `instance`: the pod (or given) name, per worker; else hostname-pid.
+        named = os.environ.get("SHADOWPROXY_INSTANCE")
+        instance = (f"{named}-w{worker_index}" if multi else named) if named else ""
         service = Service(
             settings,
             overrides=overrides,
-            instance=f"{base}-w{worker_index}" if multi else base,
+            instance=instance,
             worker_index=worker_index,
             reuse_port=multi,
             notify_siblings=multi,

@@ -32,7 +32,7 @@ from shadowproxy.proxy import ProxyHandler
 from shadowproxy.recorder import Recorder
 from shadowproxy.runtime import Runtime
 from shadowproxy.settings import Settings
-from shadowproxy.storage import open_store
+from shadowproxy.storage import default_instance, open_store
 from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.tasks import TaskGroup
 from shadowproxy.watcher import ConfigWatcher
@@ -85,7 +85,7 @@ class Service:
     ) -> None:
         self.config_path = settings.path
         self.overrides = overrides
-        self.instance = instance or os.environ.get("SHADOWPROXY_INSTANCE") or os.uname().nodename
+        self.instance = instance or os.environ.get("SHADOWPROXY_INSTANCE") or default_instance()
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.notify_siblings = notify_siblings
@@ -96,7 +96,7 @@ class Service:
         self.overload = LoopLagMonitor()
         self.runtime = Runtime(settings, self.tasks)
         self.loaded_at = time.time()
-        self.store = open_store(settings.storage.url)
+        self.store = open_store(settings.storage.url, instance=self.instance)
         self.recorder = Recorder(self.store, settings.storage, self.metrics, instance=self.instance)
         self.pipeline = ComparisonPipeline(
             self.metrics, self.recorder, settings.storage, instance=self.instance

@@ -118,7 +118,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> 
     p, s = await upstream("p"), await upstream("s")
     config = sqlite_config(tmp_path, {"p": base(p), "s": base(s)}, "p", ["s"])
     sent = 200
-    with serve(config, "--workers", "2") as proc:
+    with serve(config, "--workers", "2", env={"SHADOWPROXY_INSTANCE": "replica-a"}) as proc:
         await proc.ready()
         for _ in range(sent):
             # A new connection each time, so the kernel spreads them over both workers.
@@ -150,6 +150,6 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> 
             conn.execute("select instance, count(*) from shadow_log group by instance").fetchall()
         )
     assert len(per_worker) == 2, per_worker  # both workers served traffic on the shared port
-    assert all(name.endswith(("-w0", "-w1")) for name in per_worker)
+    assert set(per_worker) == {"replica-a-w0", "replica-a-w1"}
     await p.close()
     await s.close()
