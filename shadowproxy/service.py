@@ -93,6 +93,7 @@ class Service:
         self.metrics = Metrics(self.registry, window=settings.metrics.window)
         self.tasks = TaskGroup(on_error=self._background_error)
         self.mirror_tasks = TaskGroup(on_error=self._background_error)
+        self.promotion_tasks = TaskGroup(on_error=self._background_error)
         self.overload = LoopLagMonitor()
         self.runtime = Runtime(settings, self.tasks)
         self.loaded_at = time.time()
@@ -200,6 +201,9 @@ class Service:
             deadline_s=max(1.0, grace - (time.monotonic() - started))
         )
         cancelled = await self.mirror_tasks.cancel_all() if leftover else 0
+        await self.promotion_tasks.wait(
+            deadline_s=5.0
+        )  # the recorder defers them if the store is down
         await self.recorder.close(timeout=max(5.0, grace))
         await self.tasks.cancel_all()
         await self.runtime.close()
@@ -289,6 +293,8 @@ class Service:
                 "storage_url_change_needs_restart", old=old.storage.url, new=new.storage.url
             )
         changes = self.runtime.swap(new)
+        if source != "promote":
+            self._record_file_promotions(old, new)
         self.pipeline.storage = new.storage
         self.loaded_at = time.time()
         self.metrics.config_reloads_total.labels("ok").inc()
@@ -297,6 +303,37 @@ class Service:
             self.watcher.acknowledge(new.sha256)
         log.info("config_reloaded", source=source, **changes)
         return {"reloaded": True, "changes": changes}
+
+    def _record_file_promotions(self, old: Settings, new: Settings) -> None:
+        """A reload that makes one of a route's shadows its primary is a promotion made in the
+        file (by hand, `shadowproxy promote`, a ConfigMap edit): record it. Every replica sees
+        the same edit; the store keeps one row per (route, config sha)."""
+        for route in new.routes:
+            before = old.route(route.name)
+            if (
+                before is None
+                or route.primary == before.primary
+                or route.primary not in before.shadows
+            ):
+                continue
+            log.info(
+                "promoted",
+                route=route.name,
+                previous_primary=before.primary,
+                new_primary=route.primary,
+                source="file",
+            )
+            promotion = PromotionRecord(
+                ts=time.time(),
+                route=route.name,
+                previous_primary=before.primary,
+                new_primary=route.primary,
+                config_sha=new.sha256,
+                instance=self.instance,
+            )
+            self.promotion_tasks.spawn(
+                self.recorder.record_promotion(promotion), name=f"record-promotion:{route.name}"
+            )
 
     async def _reload_from_watcher(self) -> None:
         with contextlib.suppress(ConfigError):  # logged and counted; the old config keeps serving
