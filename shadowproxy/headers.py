@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -51,7 +51,7 @@ def request_id_from(headers: CIMultiDictProxy[str]) -> str:
     given = headers.get(REQUEST_ID)
     if given is not None and _REQUEST_ID_OK.match(given):
         return given
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)  # as random as uuid4().hex, without building a UUID
 
 
 def forwarded_for(existing: str | None, peer: str | None) -> str:

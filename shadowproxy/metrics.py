@@ -124,6 +124,8 @@ class Metrics:
         self._agreements: dict[tuple[str, str], deque[bool]] = {}
         self._latencies: dict[tuple[str, str, str], deque[float]] = {}
         self._config_sha = ""
+        self._request_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._latency_children: dict[tuple[str, str, str], Histogram] = {}
 
     def set_config(self, sha256: str) -> None:
         if self._config_sha:
@@ -134,10 +136,18 @@ class Metrics:
     def observe_upstream(
         self, route: str, upstream: str, role: str, code: str, latency_s: float | None
     ) -> None:
-        self.requests_total.labels(route, upstream, role, code).inc()
+        # Children are cached: labels() takes a lock and builds tuples on every call.
+        counter = self._request_children.get((route, upstream, role, code))
+        if counter is None:
+            counter = self.requests_total.labels(route, upstream, role, code)
+            self._request_children[(route, upstream, role, code)] = counter
+        counter.inc()
         if latency_s is not None:
-            self.upstream_latency.labels(route, upstream, role).observe(latency_s)
             key = (route, upstream, role)
+            latency = self._latency_children.get(key)
+            if latency is None:
+                latency = self._latency_children[key] = self.upstream_latency.labels(*key)
+            latency.observe(latency_s)
             window = self._latencies.get(key)
             if window is None:
                 window = self._latencies[key] = deque(maxlen=self.window)

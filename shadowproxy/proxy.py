@@ -82,9 +82,11 @@ async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float)
         raise BodyTooLarge
     if not request.body_exists:
         return b""
+    content = request.content
+    if declared is not None and content.total_bytes >= declared:
+        return await content.readexactly(declared)  # already buffered: no wait, no timer
     chunks: list[bytes] = []
     size = 0
-    content = request.content
     while True:
         async with asyncio.timeout(idle_timeout_s):
             chunk = await content.readany()
