@@ -57,6 +57,14 @@ async def test_two_replicas_promote_through_the_file_and_record_everything_once(
     tmp_path: Path, postgres_url: str
 ) -> None:
     v1, v2 = await model("v1"), await model("v2")
+    try:
+        await _two_replicas(tmp_path, postgres_url, v1, v2)
+    finally:
+        await v1.close()
+        await v2.close()
+
+
+async def _two_replicas(tmp_path: Path, postgres_url: str, v1: TestServer, v2: TestServer) -> None:
     config = tmp_path / "routes.yaml"
     config.write_text(
         ROUTES.format(
@@ -151,5 +159,3 @@ async def test_two_replicas_promote_through_the_file_and_record_everything_once(
     assert [(e["route"], e["shadow"], e["samples"]) for e in entries] == [
         ("sentiment", "v2", 20 + 2)
     ]
-    await v1.close()
-    await v2.close()
