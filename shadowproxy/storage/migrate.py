@@ -1,0 +1,252 @@
+"""Versioned schema migrations and the ``shadowproxy db migrate|status`` command.
+
+Migrations are the files ``shadowproxy/migrations/<dialect>_<NNNN>_<name>.sql``;
+table ``shadowproxy_schema(version, applied_at)`` lists those applied. On
+PostgreSQL they run under a session advisory lock so replicas starting at once
+serialise (the first applies, the others find nothing to do); on SQLite a
+``BEGIN IMMEDIATE`` transaction does the same across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from shadowproxy.errors import StorageUnavailable, UsageError
+from shadowproxy.storage.urls import display_url, parse_store_url
+
+# Arbitrary but fixed: every shadowproxy process locks the same key.
+ADVISORY_LOCK_KEY = 0x5348_4144_4F57  # "SHADOW"
+CONNECT_TIMEOUT_S = 10.0
+# Shipped as package data next to this package (pyproject: migrations/*.sql).
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations(dialect: str) -> list[Migration]:
+    """The dialect's migrations ("postgres" | "sqlite"), in version order."""
+    found = []
+    pattern = re.compile(rf"{dialect}_(\d{{4}})_(\w+)\.sql")
+    for entry in MIGRATIONS_DIR.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def latest_version(dialect: str) -> int:
+    return max((m.version for m in migrations(dialect)), default=0)
+
+
+_PG_SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS shadowproxy_schema (
+    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
+_SQLITE_SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS shadowproxy_schema (
+    version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"""
+
+
+async def migrate_postgres(conn: asyncpg.Connection) -> tuple[int, int]:
+    """Apply pending migrations; return (schema version, migrations applied now)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+    try:
+        await conn.execute(_PG_SCHEMA_TABLE)
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM shadowproxy_schema")
+        applied = 0
+        for migration in migrations("postgres"):
+            if migration.version <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO shadowproxy_schema (version) VALUES ($1)", migration.version
+                )
+            current, applied = migration.version, applied + 1
+        return int(current), applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+
+
+def migrate_sqlite(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Apply pending migrations in one IMMEDIATE transaction; (version, applied now)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_SQLITE_SCHEMA_TABLE)
+        current = conn.execute("SELECT coalesce(max(version), 0) FROM shadowproxy_schema")
+        version = int(current.fetchone()[0])
+        applied = 0
+        for migration in migrations("sqlite"):
+            if migration.version <= version:
+                continue
+            for statement in _sqlite_statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO shadowproxy_schema (version) VALUES (?)", (migration.version,)
+            )
+            version, applied = migration.version, applied + 1
+        conn.execute("COMMIT")
+        return version, applied
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _sqlite_statements(script: str) -> list[str]:
+    """Split a script into statements (executescript would COMMIT our transaction)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return statements
+
+
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, busy timeout."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+async def migrate(url: str) -> int:
+    """Create or upgrade the schema behind ``url``; return its version.
+
+    Raises UsageError for a bad URL and StorageUnavailable when the database
+    cannot be reached.
+    """
+    target = parse_store_url(url)
+    if target.backend == "postgresql":
+        conn = await _pg_connect(url)
+        try:
+            version, _ = await migrate_postgres(conn)
+            return version
+        finally:
+            await conn.close()
+    if target.backend == "sqlite":
+        return await asyncio.to_thread(_migrate_sqlite_file, target.target)
+    os.makedirs(target.target, exist_ok=True)
+    return 0  # JSON Lines files have no schema
+
+
+def _migrate_sqlite_file(path: str) -> int:
+    try:
+        conn = connect_sqlite(path)
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    try:
+        return migrate_sqlite(conn)[0]
+    finally:
+        conn.close()
+
+
+async def schema_status(url: str) -> dict[str, Any]:
+    """{"backend", "version", "latest", "pending": [versions not applied yet]}."""
+    target = parse_store_url(url)
+    if target.backend == "jsonl":
+        return {"backend": "jsonl", "version": 0, "latest": 0, "pending": []}
+    dialect = "postgres" if target.backend == "postgresql" else "sqlite"
+    if target.backend == "postgresql":
+        conn = await _pg_connect(url)
+        try:
+            exists = await conn.fetchval("SELECT to_regclass('shadowproxy_schema') IS NOT NULL")
+            version = (
+                await conn.fetchval("SELECT coalesce(max(version), 0) FROM shadowproxy_schema")
+                if exists
+                else 0
+            )
+        finally:
+            await conn.close()
+    else:
+        version = await asyncio.to_thread(_sqlite_version, target.target)
+    pending = [m.version for m in migrations(dialect) if m.version > version]
+    return {
+        "backend": target.backend,
+        "version": int(version),
+        "latest": latest_version(dialect),
+        "pending": pending,
+    }
+
+
+def _sqlite_version(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        row = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='shadowproxy_schema'"
+        ).fetchone()
+        if row is None:
+            return 0
+        return int(
+            conn.execute("SELECT coalesce(max(version), 0) FROM shadowproxy_schema").fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+async def _pg_connect(url: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable(f"cannot connect to {display_url(url)}: {exc}") from exc
+
+
+def db_command(action: str, *, config_path: str, database_url: str | None) -> int:
+    """``shadowproxy db migrate|status``: one line on stdout; 0 ok, 2 bad URL or unreachable.
+
+    ``database_url`` overrides the config's storage.url; given it, the config is optional.
+    """
+    url = database_url or _config_storage_url(config_path)
+    shown = display_url(url)
+    try:
+        if action == "migrate":
+            version = asyncio.run(migrate(url))
+            print(f"{shown}: schema at version {version} (latest {_latest_for(url)})")
+        elif action == "status":
+            status = asyncio.run(schema_status(url))
+            pending = status["pending"]
+            state = (
+                f"{len(pending)} pending, run `shadowproxy db migrate`" if pending else "up to date"
+            )
+            print(f"{shown}: schema version {status['version']} of {status['latest']}, {state}")
+        else:
+            raise UsageError(f"unknown db action {action!r}; expected migrate or status")
+    except (UsageError, StorageUnavailable) as exc:
+        print(f"shadowproxy db {action}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _latest_for(url: str) -> int:
+    backend = parse_store_url(url).backend
+    return (
+        0
+        if backend == "jsonl"
+        else latest_version("postgres" if backend == "postgresql" else "sqlite")
+    )
+
+
+def _config_storage_url(config_path: str) -> str:
+    from shadowproxy.config import (
+        load_settings,
+    )  # deferred: the config parser is not needed with a URL
+
+    return load_settings(config_path).storage.url
