@@ -60,7 +60,18 @@ def agreement_chart(hourly: tuple[HourBucket, ...], threshold: float) -> str:
     band = [f"{x(h):.1f},{y(high):.1f}" for h, _, _, high in points]
     band += [f"{x(h):.1f},{y(low):.1f}" for h, _, low, _ in reversed(points)]
     line = " ".join(f"{x(h):.1f},{y(v):.1f}" for h, v, _, _ in points)
+    # One hour has no band to draw: show its interval as an error bar instead.
+    whiskers = (
+        [
+            f'<line x1="{x(h):.1f}" x2="{x(h):.1f}" y1="{y(high):.1f}" y2="{y(low):.1f}" '
+            f'stroke="{SHADOW_COLOR}" stroke-width="6" stroke-opacity="0.3"/>'
+            for h, _, low, high in points
+        ]
+        if len(points) == 1
+        else []
+    )
     body = [
+        *whiskers,
         f'<polygon points="{" ".join(band)}" fill="{SHADOW_COLOR}" fill-opacity="0.2"/>',
         f'<polyline points="{line}" fill="none" stroke="{SHADOW_COLOR}" stroke-width="2"/>',
         *(
@@ -75,9 +86,14 @@ def agreement_chart(hourly: tuple[HourBucket, ...], threshold: float) -> str:
     ]
     for tick in (floor, (floor + 1.0) / 2, 1.0):
         body.append(_text(LEFT - 4, y(tick) + 4, f"{tick:.0%}", "end"))
-    for label_at, hour in ((points[0][0], "first"), (points[-1][0], "last")):
+    ends = (
+        ((points[0][0], "first"), (points[-1][0], "last"))
+        if len(points) > 1
+        else ((first, "only"),)
+    )
+    for label_at, hour in ends:
         stamp = iso(label_at)[5:16].replace("T", " ")
-        anchor = "start" if hour == "first" else "end"
+        anchor = {"first": "start", "last": "end"}.get(hour, "middle")
         body.append(_text(x(label_at), HEIGHT - 12, stamp + " UTC", anchor))
     return _svg("agreement-chart", title, body)
 
