@@ -35,6 +35,7 @@ from shadowproxy.metrics import Metrics
 from shadowproxy.record import Record
 from shadowproxy.settings import StorageSettings
 from shadowproxy.spool import Spool
+from shadowproxy.spool_replay import ReplayStats, replay_spool
 from shadowproxy.storage.base import PromotionRecord, Store
 from shadowproxy.storage.batch import RecordsRejected
 from shadowproxy.tasks import TaskGroup
@@ -88,8 +89,7 @@ class Recorder:
         self.spool_ok = True
         self._pending_promotions: list[PromotionRecord] = []
         self.counts = {"submitted": 0, "written": 0, "spooled": 0, "dropped": 0}
-        self.spool_corrupt = 0  # torn/corrupt spool lines skipped on replay
-        self.spool_rejected = 0  # spooled records the store refused on replay
+        self._replay_stats = ReplayStats()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -148,8 +148,8 @@ class Recorder:
             "submitted": self.counts["submitted"],
             "store_ok": self.store_ok,
             "spool_ok": self.spool_ok,
-            "spool_corrupt": self.spool_corrupt,
-            "spool_rejected": self.spool_rejected,
+            "spool_corrupt": self._replay_stats.corrupt,
+            "spool_rejected": self._replay_stats.rejected,
         }
 
     async def record_promotion(self, promotion: PromotionRecord) -> None:
@@ -305,33 +305,14 @@ class Recorder:
         return True
 
     async def _replay(self) -> None:
-        """Store every closed segment in order; delete each once all its records are stored."""
-        if self._spool.pending == 0 and not await asyncio.to_thread(self._spool.segments):
-            return
-        await asyncio.to_thread(self._spool.rotate)
-        for path in await asyncio.to_thread(self._spool.segments):
-            claim = await asyncio.to_thread(self._spool.claim, path)
-            if claim is None:
-                continue
-            try:
-                segment = await asyncio.to_thread(self._spool.read, claim)
-                if segment.corrupt:
-                    self.spool_corrupt += segment.corrupt
-                    log.warning("spool_corrupt_lines", segment=path, lines=segment.corrupt)
-                for start in range(0, len(segment.records), self._batch_size):
-                    chunk = segment.records[start : start + self._batch_size]
-                    try:
-                        async with asyncio.timeout(self._write_timeout):
-                            await self._store.write(chunk)
-                    except RecordsRejected as exc:
-                        self.spool_rejected += len(exc.rejected)
-                        log.warning("spooled_records_rejected", count=len(exc.rejected))
-                await asyncio.to_thread(self._spool.finish, claim)
-                claim = None
-            finally:
-                if claim is not None:
-                    self._spool.release(claim)
-                self._metrics.spool_pending.set(self._spool.pending)
+        await replay_spool(
+            self._spool,
+            self._store,
+            self._replay_stats,
+            batch_size=self._batch_size,
+            timeout_s=self._write_timeout,
+            on_segment=lambda: self._metrics.spool_pending.set(self._spool.pending),
+        )
 
     async def _flush_promotions(self) -> None:
         while self._pending_promotions:

@@ -150,3 +150,17 @@ def test_body_text_is_always_storable(raw: bytes, limit: int) -> None:
     text.encode("utf-8")  # never raises
     kept = text.removesuffix(TRUNCATION_MARKER)
     assert (kept != text) == (len(raw) > limit)
+
+
+@given(
+    secret=st.text(alphabet="0123456789", min_size=4, max_size=12),
+    filler=st.text(alphabet="abcdefgh ", max_size=30),
+    cut=st.integers(min_value=0, max_value=120),
+)
+def test_a_redacted_value_never_survives_a_capture_cut(secret: str, filler: str, cut: int) -> None:
+    """Whatever the capture kept of the body, no digit of the secret is stored."""
+    body = orjson.dumps({"input": {"a": filler, "ssn": secret, "b": True}})
+    exchange = make_exchange(shadow_body=body[:cut], shadow_truncated=cut < len(body))
+    record = build_record(exchange, make_comparison(), STORAGE, "i")
+    assert record.shadow_body is not None
+    assert not any(ch.isdigit() for ch in record.shadow_body)
