@@ -152,15 +152,19 @@ class Recorder:
             "spool_rejected": self._replay_stats.rejected,
         }
 
-    async def record_promotion(self, promotion: PromotionRecord) -> None:
-        """Store a promotion; while the store is down it is kept and written once it is back."""
+    async def record_promotion(self, promotion: PromotionRecord) -> bool:
+        """Store a promotion; while the store is down it is kept and written once it is back.
+
+        Returns True when this call stored it, False when another replica already had or
+        when it was deferred."""
         try:
             async with asyncio.timeout(self._write_timeout):
-                await self._store.record_promotion(promotion)
+                return await self._store.record_promotion(promotion)
         except (StorageError, TimeoutError) as exc:
             self._pending_promotions.append(promotion)
             log.warning("promotion_record_deferred", route=promotion.route, error=repr(exc))
             self._mark_down(exc)
+            return False
 
     async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - one budget split across phases
         """Flush the buffer to the store (or the spool, if the store cannot take it in time),

@@ -332,8 +332,13 @@ class Service:
                 instance=self.instance,
             )
             self.promotion_tasks.spawn(
-                self.recorder.record_promotion(promotion), name=f"record-promotion:{route.name}"
+                self._record_file_promotion(promotion), name=f"record-promotion:{route.name}"
             )
+
+    async def _record_file_promotion(self, promotion: PromotionRecord) -> None:
+        # Counted by the one replica whose row was stored, so the fleet's total is one.
+        if await self.recorder.record_promotion(promotion):
+            self.metrics.promotions_total.labels(promotion.route).inc()
 
     async def _reload_from_watcher(self) -> None:
         with contextlib.suppress(ConfigError):  # logged and counted; the old config keeps serving

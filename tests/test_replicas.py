@@ -122,6 +122,12 @@ async def _two_replicas(tmp_path: Path, postgres_url: str, v1: TestServer, v2: T
         rows = await conn.fetch(
             "select request_id, instance, shadow_upstream from shadow_log where request_id not like 'probe-%'"
         )
+        shadow_v2 = await conn.fetchval(
+            "select count(*) from shadow_log where shadow_upstream = 'v2'"
+        )
+        per_instance = dict(
+            await conn.fetch("select instance, count(*) from shadow_log group by instance")
+        )
         promotions = await conn.fetch(
             "select route, previous_primary, new_primary, instance from shadow_promotions"
         )
@@ -156,6 +162,9 @@ async def _two_replicas(tmp_path: Path, postgres_url: str, v1: TestServer, v2: T
     )
     assert report.returncode in (0, 1, 3), report.stderr
     entries = json.loads(report.stdout)["routes"]
+    # The report counts every replica's pairs (probes included: they were mirrored too).
+    assert set(per_instance) == {"replica-a", "replica-b"}
     assert [(e["route"], e["shadow"], e["samples"]) for e in entries] == [
-        ("sentiment", "v2", 20 + 2)
+        ("sentiment", "v2", shadow_v2)
     ]
+    assert shadow_v2 >= 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import string
 from collections.abc import AsyncIterator
@@ -120,6 +121,35 @@ async def test_promotion_recorded(store: PostgresStore, postgres_url: str) -> No
         postgres_url, "SELECT route, previous_primary, new_primary FROM shadow_promotions"
     )
     assert [tuple(r) for r in rows] == [("r", "v1", "v2")]
+
+
+async def test_same_promotion_from_several_replicas_is_stored_once(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    others = [PostgresStore(postgres_url) for _ in range(3)]
+    for other in others:
+        await other.open()
+    try:
+        t = 1_790_000_000.0
+        same = [PromotionRecord(t + i, "r", "v1", "v2", "sha1", f"replica-{i}") for i in range(4)]
+        stored = await asyncio.gather(
+            *(s.record_promotion(p) for s, p in zip([store, *others], same, strict=True))
+        )
+        assert sorted(stored) == [False, False, False, True]
+        # Promoting back and forth later is a new event even with the same file content.
+        assert await store.record_promotion(
+            PromotionRecord(t + 60, "r", "v2", "v1", "sha0", "replica-0")
+        )
+        assert await store.record_promotion(
+            PromotionRecord(t + 3600, "r", "v1", "v2", "sha1", "replica-0")
+        )
+    finally:
+        for other in others:
+            await other.close()
+    rows = await fetch(
+        postgres_url, "SELECT previous_primary, new_primary FROM shadow_promotions ORDER BY ts"
+    )
+    assert [tuple(r) for r in rows] == [("v1", "v2"), ("v2", "v1"), ("v1", "v2")]
 
 
 async def test_unreachable_server_is_storage_unavailable() -> None:

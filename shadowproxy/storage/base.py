@@ -19,6 +19,10 @@ class PromotionRecord:
     instance: str
 
 
+# Replicas see one file edit within seconds; the same swap again this close is the same event.
+PROMOTION_WINDOW_S = 600
+
+
 class Store(Protocol):
     backend: str  # "postgresql" | "sqlite" | "jsonl"
 
@@ -31,7 +35,10 @@ class Store(Protocol):
         Raises StorageUnavailable when the store cannot be reached right now.
         """
 
-    async def record_promotion(self, promotion: PromotionRecord) -> None: ...
+    async def record_promotion(self, promotion: PromotionRecord) -> bool:
+        """Store a promotion unless another replica stored the same one (same route, config
+        sha and swap, within PROMOTION_WINDOW_S): every replica reloads the same file edit.
+        Returns whether this call stored it."""
 
     async def delete_older_than(self, cutoff_ts: float, batch_size: int) -> int:
         """Delete up to batch_size records older than cutoff; return how many."""

@@ -72,7 +72,8 @@ class JsonlStore:
             while len(self._recent) > RECENT_KEYS:
                 self._recent.popitem(last=False)
 
-    async def record_promotion(self, promotion: PromotionRecord) -> None:
+    async def record_promotion(self, promotion: PromotionRecord) -> bool:
+        """Appended to this instance's file: JSON Lines is one host's store, not deduplicated."""
         row = asdict(promotion)
         row["ts"] = iso_ts(promotion.ts)
         path = self.log_path(row["ts"][:10], "shadow_promotions")
@@ -80,6 +81,7 @@ class JsonlStore:
             await asyncio.to_thread(_append, path, [orjson.dumps(row)])
         except OSError as exc:
             raise StorageUnavailable(f"JSON Lines {self.directory}: {exc}") from exc
+        return True
 
     async def delete_older_than(self, cutoff_ts: float, batch_size: int) -> int:
         """Delete whole day files (any instance) whose day ends before the cutoff's day.

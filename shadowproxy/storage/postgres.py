@@ -19,7 +19,7 @@ import orjson
 
 from shadowproxy.errors import StorageUnavailable
 from shadowproxy.record import RECORD_COLUMNS, Record
-from shadowproxy.storage.base import PromotionRecord
+from shadowproxy.storage.base import PROMOTION_WINDOW_S, PromotionRecord
 from shadowproxy.storage.batch import write_isolating
 from shadowproxy.storage.migrate import migrate_postgres
 from shadowproxy.storage.urls import display_url
@@ -41,8 +41,14 @@ _DELETE_OLD = (
 )
 _INSERT_PROMOTION = (
     "INSERT INTO shadow_promotions (ts, route, previous_primary, new_primary, config_sha, instance)"
-    " VALUES ($1, $2, $3, $4, $5, $6)"
+    " SELECT $1::timestamptz, $2, $3, $4, $5, $6 WHERE NOT EXISTS ("
+    " SELECT 1 FROM shadow_promotions WHERE route = $2 AND previous_primary = $3"
+    " AND new_primary = $4 AND config_sha = $5"
+    " AND ts BETWEEN $1::timestamptz - make_interval(secs => $7::float8)"
+    " AND $1::timestamptz + make_interval(secs => $7::float8))"
 )
+# Replicas recording the same promotion at once take turns, so exactly one row is written.
+_PROMOTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('shadowproxy:promotion:' || $1))"
 
 # Errors caused by a record's content: retrying the same record can never succeed.
 _CONTENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -134,12 +140,20 @@ class PostgresStore:
         except _UNAVAILABLE_ERRORS as exc:
             raise self._unavailable(pool, exc) from exc
 
-    async def record_promotion(self, promotion: PromotionRecord) -> None:
+    async def record_promotion(self, promotion: PromotionRecord) -> bool:
         p = promotion
-        await self._execute(
-            _INSERT_PROMOTION,
-            _ts(p.ts), p.route, p.previous_primary, p.new_primary, p.config_sha, p.instance,
-        )  # fmt: skip
+        pool = await self._ready_pool()
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+                await conn.execute(_PROMOTION_LOCK, p.route)
+                status = await conn.execute(
+                    _INSERT_PROMOTION,
+                    _ts(p.ts), p.route, p.previous_primary, p.new_primary, p.config_sha, p.instance,
+                    float(PROMOTION_WINDOW_S),
+                )  # fmt: skip
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._unavailable(pool, exc) from exc
+        return str(status).endswith(" 1")
 
     async def delete_older_than(self, cutoff_ts: float, batch_size: int) -> int:
         status = await self._execute(_DELETE_OLD, _ts(cutoff_ts), batch_size)

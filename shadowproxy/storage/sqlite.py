@@ -20,7 +20,7 @@ import orjson
 
 from shadowproxy.errors import StorageUnavailable
 from shadowproxy.record import RECORD_COLUMNS, Record
-from shadowproxy.storage.base import PromotionRecord
+from shadowproxy.storage.base import PROMOTION_WINDOW_S, PromotionRecord
 from shadowproxy.storage.batch import write_isolating
 from shadowproxy.storage.codec import iso_ts
 from shadowproxy.storage.migrate import connect_sqlite, migrate_sqlite
@@ -37,7 +37,9 @@ _DELETE_OLD = (
 )
 _INSERT_PROMOTION = (
     "INSERT INTO shadow_promotions (ts, route, previous_primary, new_primary, config_sha, instance)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+    " SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS ("
+    " SELECT 1 FROM shadow_promotions WHERE route = ? AND previous_primary = ?"
+    " AND new_primary = ? AND config_sha = ? AND ts BETWEEN ? AND ?)"
 )
 LOCKED_RETRIES = 5
 
@@ -111,10 +113,17 @@ class SqliteStore:
             conn.execute("ROLLBACK")
             raise
 
-    async def record_promotion(self, promotion: PromotionRecord) -> None:
+    async def record_promotion(self, promotion: PromotionRecord) -> bool:
         p = promotion
         row = (iso_ts(p.ts), p.route, p.previous_primary, p.new_primary, p.config_sha, p.instance)
-        await self._run(lambda conn: conn.execute(_INSERT_PROMOTION, row))
+        same = (p.route, p.previous_primary, p.new_primary, p.config_sha)
+        window = (iso_ts(p.ts - PROMOTION_WINDOW_S), iso_ts(p.ts + PROMOTION_WINDOW_S))
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            # One statement: SQLite's write lock makes the check and the insert atomic.
+            return conn.execute(_INSERT_PROMOTION, row + same + window).rowcount == 1
+
+        return await self._run(insert)
 
     async def delete_older_than(self, cutoff_ts: float, batch_size: int) -> int:
         cutoff = iso_ts(cutoff_ts)
