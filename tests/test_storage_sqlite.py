@@ -94,7 +94,9 @@ async def test_retention_and_promotions(tmp_path: Path) -> None:
         await store.write([make_record(50, ts=9000.0)])
         assert await store.delete_older_than(2000.0, 5) == 5
         assert await store.delete_older_than(2000.0, 5) == 2
-        await store.record_promotion(PromotionRecord(1.0, "r", "a", "b", "sha", "i"))
+        assert await store.record_promotion(PromotionRecord(1.0, "r", "a", "b", "sha", "i"))
+        # Another replica reloading the same edit a few seconds later: the same event.
+        assert not await store.record_promotion(PromotionRecord(4.0, "r", "a", "b", "sha", "j"))
     finally:
         await store.close()
     assert query(tmp_path / "s.db", "SELECT count(*) FROM shadow_log") == [(1,)]
