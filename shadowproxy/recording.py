@@ -85,6 +85,9 @@ def body_text(raw: bytes, limit: int, already_truncated: bool = False) -> str:
     else:
         text = raw.decode("utf-8", "backslashreplace")
     text = safe_text(text)
+    if len(encoded := text.encode("utf-8")) > limit:
+        # Escaping binary bytes (\xNN) can quadruple them: the stored text obeys the limit too.
+        text, cut = encoded[: max(limit, 0)].decode("utf-8", "ignore"), True
     return text + TRUNCATION_MARKER if cut or already_truncated else text
 
 
