@@ -48,15 +48,23 @@ class RawServer:
         self.connections = 0
         self.server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             await self.behaviour(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # The server is shutting down (see __aexit__); end quietly, as a closed socket would.
+            pass
         finally:
+            self._handlers.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._writers.discard(writer)
             writer.close()
 
@@ -69,6 +77,10 @@ class RawServer:
         self.server.close()
         for writer in list(self._writers):
             writer.transport.abort()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await self.server.wait_closed()
 
     @property

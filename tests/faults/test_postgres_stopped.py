@@ -30,6 +30,14 @@ async def model(name: str) -> TestServer:
 
 async def test_immediate_stop_under_load(tmp_path: Path) -> None:
     p, s = await model("a"), await model("b")
+    try:
+        await _outage(tmp_path, p, s)
+    finally:
+        await p.close()
+        await s.close()
+
+
+async def _outage(tmp_path: Path, p: TestServer, s: TestServer) -> None:
     with private_cluster() as cluster:
         config = write_config(
             tmp_path,
@@ -68,13 +76,14 @@ async def test_immediate_stop_under_load(tmp_path: Path) -> None:
             )
             await asyncio.to_thread(cluster.start)
             await traffic(2)
-            await wait_until(
-                lambda: (
-                    service.recorder.status()["spool_pending"] == 0
-                    and service.recorder.status()["queue_depth"] == 0
-                ),
-                timeout=60,
-            )
+            await wait_until(lambda: service.pipeline.produced == sent)  # every mirror finished
+
+            def settled() -> bool:
+                st = service.recorder.status()
+                done = st["written"] + st["spooled"] + st["dropped"] == sent
+                return done and st["spool_pending"] == 0 and st["queue_depth"] == 0
+
+            await wait_until(settled, timeout=60)
             status = service.recorder.status()
         assert statuses == {200: sent}  # no client ever saw the outage
         assert status["written"] + status["spooled"] + status["dropped"] == sent
@@ -87,5 +96,3 @@ async def test_immediate_stop_under_load(tmp_path: Path) -> None:
         finally:
             await conn.close()
         assert count == distinct == sent  # every pair once: none lost, none doubled
-    await p.close()
-    await s.close()

@@ -1,0 +1,43 @@
+"""Invariants checked after every fault test: no task, socket or file descriptor left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return fds
+
+
+@pytest.fixture(autouse=True)
+async def nothing_left_behind() -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    before = _open_fds()
+    tasks_before = asyncio.all_tasks()
+    yield
+    loop_time = loop.time()
+    while True:
+        leftover_tasks = asyncio.all_tasks() - tasks_before - {asyncio.current_task()}
+        extra = {fd: target for fd, target in _open_fds().items() if fd not in before}
+        leaked_sockets = {fd: t for fd, t in extra.items() if t.startswith("socket:")}
+        if not leftover_tasks and not leaked_sockets and len(extra) <= 2:
+            break
+        if loop.time() - loop_time > 10:
+            pytest.fail(f"left behind: tasks {leftover_tasks}, file descriptors {extra}")
+        await asyncio.sleep(0.05)
+    loop.set_exception_handler(previous)
+    # "Task exception was never retrieved" and friends land here.
+    assert unhandled == [], unhandled
