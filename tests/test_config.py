@@ -66,6 +66,8 @@ def test_defaults_for_everything_but_upstreams_and_routes(tmp_path: Path) -> Non
     assert settings.storage.url == "sqlite:///shadowproxy.db"
     assert settings.routes[0].match.path_prefix == "/"
     assert settings.routes[0].sample_rate == 1.0
+    assert settings.admin.host == "127.0.0.1"  # admin never listens beyond loopback unless asked
+    assert settings.admin.token_env == "SHADOWPROXY_ADMIN_TOKEN"
 
 
 def test_preset_fills_and_explicit_keys_override(tmp_path: Path) -> None:
