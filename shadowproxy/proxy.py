@@ -217,13 +217,11 @@ class ProxyHandler:
         join: PairJoin | None,
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        capture_limit = self._capture_limit() if join is not None else 0
-        captured: list[bytes] = []
-        captured_size = 0
-        truncated = False
+        capture = _Capture(self._capture_limit() if join is not None else 0)
         status: int | None = None
         response_headers: tuple[tuple[str, str], ...] = ()
         error: str | None = None
+        name = client.settings.name
         try:
             try:
                 upstream = await client.session.request(
@@ -236,14 +234,12 @@ class ProxyHandler:
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 error = error_kind(exc)
                 code = 504 if error == "timeout" else 502
-                return error_response(
-                    code, f"primary upstream {client.settings.name}: {error}", request_id
-                )
+                return error_response(code, f"primary upstream {name}: {error}", request_id)
             try:
                 if not _ascii_headers(upstream.raw_headers):
                     error = "protocol"
-                    message = f"primary upstream {client.settings.name}: non-ASCII bytes in response headers"
                     upstream.close()  # never reuse a connection that spoke oddly
+                    message = f"primary upstream {name}: non-ASCII bytes in response headers"
                     return error_response(502, message, request_id)
                 status = upstream.status
                 response_headers = tuple((str(k), v) for k, v in upstream.headers.items())
@@ -256,48 +252,12 @@ class ProxyHandler:
                     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                         error = error_kind(exc)
                         code = 504 if error == "timeout" else 502
-                        return error_response(
-                            code, f"primary upstream {client.settings.name}: {error}", request_id
-                        )
-                    if join is not None:
-                        captured.append(data[:capture_limit])
-                        truncated = len(data) > capture_limit
+                        return error_response(code, f"primary upstream {name}: {error}", request_id)
+                    capture.add(data)
                     return web.Response(
                         status=status, reason=upstream.reason, headers=out_headers, body=data
                     )
-                response = web.StreamResponse(
-                    status=status, reason=upstream.reason, headers=out_headers
-                )
-                if length is not None:
-                    response.content_length = length
-                await response.prepare(request)
-                try:
-                    async for chunk in upstream.content.iter_any():
-                        if join is not None and not truncated:
-                            room = capture_limit - captured_size
-                            if len(chunk) > room:
-                                captured.append(chunk[:room])
-                                truncated = True
-                            else:
-                                captured.append(chunk)
-                            captured_size += min(len(chunk), room)
-                        await response.write(chunk)
-                except (
-                    TimeoutError,
-                    aiohttp.ClientPayloadError,
-                    aiohttp.ClientOSError,
-                    aiohttp.ServerDisconnectedError,
-                ) as exc:
-                    # The head is already sent: abort the client connection so a cut answer
-                    # never looks complete.
-                    error = error_kind(exc)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                except ConnectionResetError:
-                    truncated = True  # the client went away; the pair is still recorded
-                    return response
-                await response.write_eof()
+                response, error = await _stream(request, upstream, out_headers, capture)
                 return response
             finally:
                 upstream.release()
@@ -313,9 +273,63 @@ class ProxyHandler:
                         upstream=route.primary,
                         status=status,
                         headers=response_headers,
-                        body=b"".join(captured),
-                        body_truncated=truncated,
+                        body=capture.body(),
+                        body_truncated=capture.truncated,
                         latency_ms=latency_s * 1000,
                         error=error,
                     )
                 )
+
+
+class _Capture:
+    """The first ``limit`` bytes of a body as it goes past (what the comparison gets)."""
+
+    __slots__ = ("_chunks", "_room", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._room = limit
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        if len(chunk) > self._room:
+            chunk, self.truncated = chunk[: self._room], True
+        if chunk:
+            self._chunks.append(chunk)
+            self._room -= len(chunk)
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+async def _stream(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    capture: _Capture,
+) -> tuple[web.StreamResponse, str | None]:
+    """Send the upstream's answer chunk by chunk as it arrives; the error kind if it broke."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            capture.add(chunk)
+            await response.write(chunk)
+    except (
+        TimeoutError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientOSError,
+        aiohttp.ServerDisconnectedError,
+    ) as exc:
+        # The head is already sent: abort the client connection so a cut answer never looks
+        # complete.
+        if request.transport is not None:
+            request.transport.abort()
+        return response, error_kind(exc)
+    except ConnectionResetError:
+        capture.truncated = True  # the client went away; the pair is still recorded
+        return response, None
+    await response.write_eof()
+    return response, None
