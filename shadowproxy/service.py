@@ -278,7 +278,10 @@ class Service:
     async def reload(self, *, source: str = "admin") -> dict[str, Any]:
         """Validate the file fully, then swap; on error keep serving the old config."""
         async with self._reload_lock:
-            return self._reload_locked(source)
+            outcome = self._reload_locked(source)
+        if source == "admin" and self.notify_siblings:
+            os.kill(os.getppid(), signal.SIGHUP)  # the supervisor passes it to every worker
+        return outcome
 
     def _reload_locked(self, source: str) -> dict[str, Any]:
         try:
