@@ -153,3 +153,26 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> 
     assert set(per_worker) == {"replica-a-w0", "replica-a-w1"}
     await p.close()
     await s.close()
+
+
+async def test_admin_reload_reaches_every_worker(tmp_path: Path) -> None:
+    a, b = await upstream("a"), await upstream("b")
+    config = sqlite_config(tmp_path, {"a": base(a), "b": base(b)}, "a", [])
+    with serve(config, "--workers", "2", env={"SHADOWPROXY_ADMIN_TOKEN": "t0ken"}) as proc:
+        await proc.ready()
+        sqlite_config(tmp_path, {"a": base(a), "b": base(b)}, "b", [])
+        async with aiohttp.ClientSession() as client:
+            async with client.post(
+                proc.admin + "/admin/reload", headers={"Authorization": "Bearer t0ken"}
+            ) as r:
+                assert r.status == 200
+            async with asyncio.timeout(10):
+                answers: list[str] = []
+                while answers[-20:] != ["b"] * 20:  # 20 fresh connections in a row, any worker
+                    async with (
+                        aiohttp.ClientSession() as fresh,
+                        fresh.post(proc.url + "/x", data=b"{}") as r,
+                    ):
+                        answers.append((await r.json())["prediction"])
+    await a.close()
+    await b.close()
