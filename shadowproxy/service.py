@@ -144,6 +144,9 @@ class Service:
             max_connections=settings.server.max_connections,
             on_reject=lambda reason: self.metrics.connections_rejected_total.labels(reason).inc(),
             keepalive_timeout=settings.server.keepalive_timeout_s,
+            # After an early answer (413, 408) read what the client still sends for at most
+            # this long, so it sees the answer rather than a reset, then close.
+            lingering_time=2.0,
             access_log=None,
         )
         self.proxy_runner = web.ServerRunner(

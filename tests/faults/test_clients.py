@@ -280,3 +280,48 @@ async def test_slow_reader_backpressures_the_primary(tmp_path: Path) -> None:
         assert not finished.is_set()
         writer.transport.abort()
     await primary.server.close()
+
+
+async def test_slow_body_gets_408_and_reaches_no_upstream(tmp_path: Path) -> None:
+    async with proxy(tmp_path, body_timeout_s=0.5) as (service, primary, shadow):
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.proxy_port)
+        writer.write(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()  # ...and the other 90 bytes never come
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert status_of(raw) == 408
+        assert primary.seen == [] and shadow.seen == []
+
+
+async def test_idle_keepalive_connection_is_closed(tmp_path: Path) -> None:
+    async with proxy(tmp_path, keepalive_timeout_s=0.5) as (service, _, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.proxy_port)
+        writer.write(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert status_of(head) == 200
+        length = int(
+            next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(
+                b":"
+            )[1]
+        )
+        await reader.readexactly(length)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server when idle
+        writer.close()
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "has space", "tab\there"])
+async def test_unusable_request_id_is_replaced(tmp_path: Path, given: str) -> None:
+    async with proxy(tmp_path) as (service, primary, _):
+        raw = await exchange(
+            service.proxy_port,
+            b"GET /p HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Request-ID: "
+            + given.encode()
+            + b"\r\n\r\n",
+        )
+        assert status_of(raw) == 200
+        returned = next(
+            h for h in raw.split(b"\r\n") if h.lower().startswith(b"x-request-id")
+        ).split(b": ", 1)[1]
+        assert returned.decode() != given and len(returned) == 32
+        assert primary.seen == ["/p"]
