@@ -325,3 +325,14 @@ async def test_unusable_request_id_is_replaced(tmp_path: Path, given: str) -> No
         ).split(b": ", 1)[1]
         assert returned.decode() != given and len(returned) == 32
         assert primary.seen == ["/p"]
+
+
+def test_refuses_to_start_without_the_c_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import http_parser
+
+    from shadowproxy.listener import assert_c_parser
+
+    assert_c_parser()  # llhttp is what runs here
+    monkeypatch.setattr(http_parser, "HttpRequestParser", http_parser.HttpRequestParserPy)
+    with pytest.raises(RuntimeError, match="llhttp"):
+        assert_c_parser()
