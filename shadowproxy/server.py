@@ -22,6 +22,7 @@ import structlog
 
 from shadowproxy.config import load_settings
 from shadowproxy.errors import ConfigError
+from shadowproxy.listener import assert_c_parser
 from shadowproxy.service import Overrides, Service
 from shadowproxy.settings import Settings
 
@@ -46,6 +47,11 @@ def serve_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"shadowproxy serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        assert_c_parser()
+    except RuntimeError as exc:
+        print(f"shadowproxy serve: {exc}", file=sys.stderr)
+        return 1
     workers = max(1, int(args.workers or 1))
     if workers > 1 and _WORKER_ENV not in os.environ:
         return supervise(args, workers)
