@@ -52,7 +52,10 @@ def serve_command(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"shadowproxy serve: {exc}", file=sys.stderr)
         return 1
-    workers = max(1, int(args.workers or 1))
+    workers = int(args.workers)
+    if workers < 1:
+        print(f"shadowproxy serve: --workers must be at least 1, got {workers}", file=sys.stderr)
+        return 2
     if workers > 1 and _WORKER_ENV not in os.environ:
         return supervise(args, workers)
     index = int(os.environ.get(_WORKER_ENV, "0"))
