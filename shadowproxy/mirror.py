@@ -113,7 +113,9 @@ class MirrorDispatcher:
         for shadow in route.shadows:
             key = (route.name, shadow)
             count = self.in_flight.get(key, 0)
-            if count >= route.mirror.max_in_flight:
+            # Never more in flight than the shadow's pool has connections: a mirror that would
+            # only wait for one is dropped and counted now, not timed out later.
+            if count >= min(route.mirror.max_in_flight, generation.shadows[shadow].limit):
                 self._drop(route.name, shadow, "saturated")
                 continue
             if join is None:

@@ -216,3 +216,40 @@ async def test_hanging_shadow_keeps_tasks_and_sockets_bounded(tmp_path: Path) ->
             hanging.release.set()
             await wait_until(lambda: len(service.mirror_tasks) == 0)
     await primary.close()
+
+
+async def test_mirrors_beyond_the_shadow_pool_are_dropped_not_queued(tmp_path: Path) -> None:
+    primary = await primary_app()
+    async with (
+        AsyncExitStack() as stack,
+        shadow_upstream("hanging", stack) as (shadow_url, hanging),
+    ):
+        assert hanging is not None
+        upstreams = {
+            "p": str(primary.make_url("")).rstrip("/"),
+            "s": {"url": shadow_url, "timeout_ms": 60000, "max_connections": 3},
+        }
+        route = {"name": "r", "match": {"path": "/predict"}, "primary": "p", "shadows": ["s"]}
+        config = write_config(tmp_path, upstreams, [{**route, "mirror": {"max_in_flight": 10}}])
+        async with running_service(config) as service, aiohttp.ClientSession() as client:
+            service.overload.threshold_s = 1e9  # count saturation, not load shedding
+            for _ in range(8):
+                async with client.post(
+                    f"http://127.0.0.1:{service.proxy_port}/predict", data=b"{}"
+                ) as r:
+                    assert await r.read() == PRIMARY_BODY
+            await wait_until(lambda: hanging.arrived == 3)
+            assert service.dispatcher.in_flight[("r", "s")] == 3
+            assert (
+                sample(
+                    service,
+                    "shadowproxy_mirror_dropped_total",
+                    route="r",
+                    shadow="s",
+                    reason="saturated",
+                )
+                == 5
+            )
+            hanging.release.set()
+            await wait_until(lambda: len(service.mirror_tasks) == 0)
+    await primary.close()
