@@ -39,5 +39,11 @@ async def nothing_left_behind() -> AsyncIterator[None]:
             pytest.fail(f"left behind: tasks {leftover_tasks}, file descriptors {extra}")
         await asyncio.sleep(0.05)
     loop.set_exception_handler(previous)
-    # "Task exception was never retrieved" and friends land here.
-    assert unhandled == [], unhandled
+    # "Task exception was never retrieved" and friends land here. One exception: asyncpg sets
+    # ConnectionError('unexpected connection_lost() call') on its own internal waiter when a
+    # query it was running is cancelled by our write timeout and the server then vanishes
+    # (MagicStack/asyncpg#1211); nobody of ours holds that future.
+    ours = [
+        c for c in unhandled if "unexpected connection_lost() call" not in str(c.get("exception"))
+    ]
+    assert ours == [], ours
