@@ -51,11 +51,17 @@ def write_config(
 
 
 @asynccontextmanager
-async def running_service(config: Path, **kwargs: Any) -> AsyncIterator[Service]:
+async def running_service(
+    config: Path, *, shed_on_overload: bool = False, **kwargs: Any
+) -> AsyncIterator[Service]:
     settings = load_settings(str(config))
     service = Service(
         settings, overrides=Overrides(), registry=CollectorRegistry(), instance="test", **kwargs
     )
+    if not shed_on_overload:
+        # A loaded test machine must not turn "every request is mirrored" into a coin toss;
+        # load shedding has its own tests (tests/test_overload.py).
+        service.overload.threshold_s = 1e9
     await service.start()
     try:
         yield service

@@ -54,7 +54,10 @@ async def test_overloaded_proxy_sheds_mirrors_not_requests(tmp_path: Path) -> No
     config = write_config(
         tmp_path, {"p": urls[0], "s": urls[1]}, [{"name": "r", "primary": "p", "shadows": ["s"]}]
     )
-    async with running_service(config) as service, aiohttp.ClientSession() as client:
+    async with (
+        running_service(config, shed_on_overload=True) as service,
+        aiohttp.ClientSession() as client,
+    ):
         service.overload.overloaded = True  # as the monitor sets it while the loop lags
         service.overload.threshold_s = -1.0  # and every later sample keeps it set
         for _ in range(10):
