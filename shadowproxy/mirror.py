@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 from multidict import CIMultiDict
 
+from shadowproxy.breaker import CircuitBreaker
 from shadowproxy.metrics import Metrics
 from shadowproxy.observation import Exchange, ExchangeSink, Observation, RequestSnapshot
 from shadowproxy.overload import LoopLagMonitor
@@ -22,6 +23,18 @@ from shadowproxy.tasks import TaskGroup
 from shadowproxy.upstream import observe
 
 log = structlog.get_logger("shadowproxy.mirror")
+
+
+def _circuit_open(shadow: str) -> Observation:
+    return Observation(
+        upstream=shadow,
+        status=None,
+        headers=(),
+        body=b"",
+        body_truncated=False,
+        latency_ms=0.0,
+        error="circuit_open",
+    )
 
 
 class PairJoin:
@@ -78,6 +91,7 @@ class MirrorDispatcher:
         self._rng = rng
         self.in_flight: dict[tuple[str, str], int] = {}
         self._drops: dict[tuple[str, str, str], int] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}  # by shadow upstream
 
     def _drop(self, route: str, shadow: str, reason: str) -> None:
         self._metrics.mirror_dropped_total.labels(route, shadow, reason).inc()
@@ -111,6 +125,16 @@ class MirrorDispatcher:
         mirror_headers = headers.copy()
         mirror_headers[route.mirror.header] = "1"
         for shadow in route.shadows:
+            breaker = self.breakers.get(shadow)
+            if breaker is None:
+                breaker = self.breakers[shadow] = CircuitBreaker()
+            if not breaker.allow():
+                # The shadow refuses connections: record the pair now, dial nothing.
+                if join is None:
+                    join = PairJoin(request, route, self._sink, generation.settings.sha256)
+                self._metrics.observe_upstream(route.name, shadow, "shadow", "circuit_open", None)
+                join.shadow_done(_circuit_open(shadow))
+                continue
             key = (route.name, shadow)
             count = self.in_flight.get(key, 0)
             # Never more in flight than the shadow's pool has connections: a mirror that would
@@ -153,6 +177,10 @@ class MirrorDispatcher:
             self.in_flight[key] -= 1
             self._metrics.mirror_in_flight.labels(route, shadow).dec()
             self._runtime.release(generation)
+        breaker = self.breakers.get(shadow)
+        if breaker is not None and breaker.record(refused=observation.error == "connect"):
+            event = "shadow_circuit_open" if breaker.is_open else "shadow_circuit_closed"
+            log.warning(event, route=route, shadow=shadow)
         code = (
             str(observation.status)
             if observation.status is not None

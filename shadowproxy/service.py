@@ -299,6 +299,7 @@ class Service:
                 "storage_url_change_needs_restart", old=old.storage.url, new=new.storage.url
             )
         changes = self.runtime.swap(new)
+        self.dispatcher.breakers.clear()  # upstreams may have moved: dial them afresh
         if source != "promote":
             self._record_file_promotions(old, new)
         self.pipeline.storage = new.storage
