@@ -125,6 +125,14 @@ class MirrorDispatcher:
         mirror_headers = headers.copy()
         mirror_headers[route.mirror.header] = "1"
         for shadow in route.shadows:
+            key = (route.name, shadow)
+            count = self.in_flight.get(key, 0)
+            # Never more in flight than the shadow's pool has connections: a mirror that would
+            # only wait for one is dropped and counted now, not timed out later.
+            if count >= min(route.mirror.max_in_flight, generation.shadows[shadow].limit):
+                self._drop(route.name, shadow, "saturated")
+                continue
+            # Asked last: a True may be the breaker's one probe, which must then be sent.
             breaker = self.breakers.get(shadow)
             if breaker is None:
                 breaker = self.breakers[shadow] = CircuitBreaker()
@@ -134,13 +142,6 @@ class MirrorDispatcher:
                     join = PairJoin(request, route, self._sink, generation.settings.sha256)
                 self._metrics.observe_upstream(route.name, shadow, "shadow", "circuit_open", None)
                 join.shadow_done(_circuit_open(shadow))
-                continue
-            key = (route.name, shadow)
-            count = self.in_flight.get(key, 0)
-            # Never more in flight than the shadow's pool has connections: a mirror that would
-            # only wait for one is dropped and counted now, not timed out later.
-            if count >= min(route.mirror.max_in_flight, generation.shadows[shadow].limit):
-                self._drop(route.name, shadow, "saturated")
                 continue
             if join is None:
                 join = PairJoin(request, route, self._sink, generation.settings.sha256)
