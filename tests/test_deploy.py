@@ -146,8 +146,8 @@ def rendered(request: pytest.FixtureRequest) -> list[Doc]:
 
 def test_renderer_agrees_with_kubectl_kustomize() -> None:
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the Python renderer stands alone")
+    require(kubectl is not None, "kubectl (to check the Python kustomize renderer against)")
+    assert kubectl is not None
     for directory in RENDERINGS.values():
         out = subprocess.run(
             [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=30

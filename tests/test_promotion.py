@@ -3,6 +3,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -214,16 +216,44 @@ def test_read_only_file_is_refused(tmp_path: Path) -> None:
     assert path.read_bytes() == ROUTES.encode()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_directory_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path)
-    os.chmod(tmp_path, 0o555)
-    try:
-        with pytest.raises(ConfigNotWritable):
+def _refused_as_unprivileged(path: Path) -> bool:
+    """Try the swap as an ordinary user (root writes into read-only directories anyway):
+    in a forked child that drops to `nobody`, so the check runs the same under CI's root."""
+    if os.geteuid() != 0:
+        try:
             swap_primary(str(path), "sentiment", None)
+        except ConfigNotWritable:
+            return True
+        return False
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 2
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            swap_primary(str(path), "sentiment", None)
+            code = 1
+        except ConfigNotWritable:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def test_read_only_directory_is_refused() -> None:
+    # A directory of its own under /tmp: pytest's tmp_path is private to root's user.
+    directory = Path(tempfile.mkdtemp(prefix="shadowproxy-ro-"))
+    try:
+        path = write(directory)
+        os.chmod(path, 0o666)  # the file itself is writable: only the directory is not
+        os.chmod(directory, 0o555)
+        assert _refused_as_unprivileged(path)
+        assert path.read_bytes() == ROUTES.encode()
     finally:
-        os.chmod(tmp_path, 0o755)
-    assert path.read_bytes() == ROUTES.encode()
+        os.chmod(directory, 0o755)
+        shutil.rmtree(directory)
 
 
 def test_anchor_is_refused_rather_than_rewritten(tmp_path: Path) -> None:
