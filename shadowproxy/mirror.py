@@ -122,8 +122,7 @@ class MirrorDispatcher:
                 self._drop(route.name, shadow, "overload")
             return None
         join: PairJoin | None = None
-        mirror_headers = headers.copy()
-        mirror_headers[route.mirror.header] = "1"
+        mirror_headers: CIMultiDict[str] | None = None  # built only if a mirror is sent
         for shadow in route.shadows:
             key = (route.name, shadow)
             count = self.in_flight.get(key, 0)
@@ -145,6 +144,9 @@ class MirrorDispatcher:
                 continue
             if join is None:
                 join = PairJoin(request, route, self._sink, generation.settings.sha256)
+            if mirror_headers is None:
+                mirror_headers = headers.copy()
+                mirror_headers[route.mirror.header] = "1"
             self.in_flight[key] = count + 1
             self._metrics.mirror_in_flight.labels(route.name, shadow).inc()
             generation.in_use += 1  # released when the mirror finishes

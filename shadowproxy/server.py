@@ -105,6 +105,8 @@ async def _sighup(service: Service) -> None:
 
 def supervise(args: argparse.Namespace, workers: int) -> int:
     """Run N worker processes; forward SIGHUP/SIGTERM; restart a worker that dies."""
+    from prometheus_client import multiprocess
+
     metrics_dir = tempfile.mkdtemp(prefix="shadowproxy-metrics-")
     argv = (
         [sys.executable, "-m", "shadowproxy", *sys.argv[1:]]
@@ -149,8 +151,6 @@ def supervise(args: argparse.Namespace, workers: int) -> int:
             code = proc.poll()
             if code is None:
                 continue
-            from prometheus_client import multiprocess
-
             multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
             del procs[index]
             if not stopping:

@@ -66,3 +66,16 @@ def agreement_line(entry: RouteReport) -> str:
 def errors_line(entry: RouteReport) -> str:
     kinds = ", ".join(f"{k}={n}" for k, n in sorted(entry.aggregate.shadow_errors.items()))
     return f"{pct(entry.shadow_error_rate, 2)}" + (f" ({kinds})" if kinds else "")
+
+
+LATENCY_HEADER = ["latency", "p50", "p90", "p99"]
+
+
+def latency_rows(entry: RouteReport) -> list[list[str]]:
+    """Both sides' percentiles and their ratios, one table for every format."""
+    p, s = entry.aggregate.primary_latency, entry.aggregate.shadow_latency
+    return [
+        ["primary", ms(p.p50), ms(p.p90), ms(p.p99)],
+        ["shadow", ms(s.p50), ms(s.p90), ms(s.p99)],
+        ["ratio", ratio(entry.latency_ratio_p50), "", ratio(entry.latency_ratio_p99)],
+    ]

@@ -33,7 +33,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _entry(entry: RouteReport) -> str:
     agg = entry.aggregate
-    p, s = agg.primary_latency, agg.shadow_latency
     threshold = next(g.threshold for g in entry.gates if g.name == "min_agreement")
     gates = _table(
         ["gate", "threshold", "value", "result"],
@@ -47,14 +46,7 @@ def _entry(entry: RouteReport) -> str:
             for g in entry.gates
         ],
     )
-    latency = _table(
-        ["latency", "p50", "p90", "p99"],
-        [
-            ["primary", fmt.ms(p.p50), fmt.ms(p.p90), fmt.ms(p.p99)],
-            ["shadow", fmt.ms(s.p50), fmt.ms(s.p90), fmt.ms(s.p99)],
-            ["ratio", fmt.ratio(entry.latency_ratio_p50), "", fmt.ratio(entry.latency_ratio_p99)],
-        ],
-    )
+    latency = _table(fmt.LATENCY_HEADER, fmt.latency_rows(entry))
     disagreements = _table(
         ["request id", "time", "primary", "shadow", "input"],
         [

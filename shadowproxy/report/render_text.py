@@ -32,7 +32,6 @@ def confusion_rows(confusion: Confusion) -> tuple[list[str], list[list[str]]]:
 
 def _entry(entry: RouteReport) -> list[str]:
     agg = entry.aggregate
-    p, s = agg.primary_latency, agg.shadow_latency
     lines = [
         fmt.title(entry),
         "=" * len(fmt.title(entry)),
@@ -42,19 +41,7 @@ def _entry(entry: RouteReport) -> list[str]:
         f"mean scores      primary {fmt.num(agg.primary_score_mean)}  "
         f"shadow {fmt.num(agg.shadow_score_mean)}  delta {fmt.num(entry.score_delta)}",
         "",
-        *table(
-            ["latency", "p50", "p90", "p99"],
-            [
-                ["primary", fmt.ms(p.p50), fmt.ms(p.p90), fmt.ms(p.p99)],
-                ["shadow", fmt.ms(s.p50), fmt.ms(s.p90), fmt.ms(s.p99)],
-                [
-                    "ratio",
-                    fmt.ratio(entry.latency_ratio_p50),
-                    "",
-                    fmt.ratio(entry.latency_ratio_p99),
-                ],
-            ],
-        ),
+        *table(fmt.LATENCY_HEADER, fmt.latency_rows(entry)),
     ]
     if agg.confusion.labels:
         header, rows = confusion_rows(agg.confusion)
