@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 HOP_BY_HOP = frozenset(
     {
@@ -25,24 +26,20 @@ MAX_REQUEST_ID = 128
 _REQUEST_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
-def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return named
-
-
 def end_to_end(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str] = frozenset()
-) -> CIMultiDict[str]:
-    """Copy of ``headers`` without hop-by-hop ones, those named in Connection, and ``drop``."""
-    named = _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """``headers`` without hop-by-hop ones, those named in Connection, and ``drop``."""
+    out: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower in drop:
-            continue
-        out.add(name, value)
+        if lower == "connection":
+            named.update(token.strip().lower() for token in value.split(",") if token.strip())
+        elif lower not in HOP_BY_HOP and lower not in drop:
+            out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
     return out
 
 

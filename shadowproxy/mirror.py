@@ -11,7 +11,6 @@ import random
 from collections.abc import Callable
 
 import structlog
-from multidict import CIMultiDict
 
 from shadowproxy.breaker import CircuitBreaker
 from shadowproxy.metrics import Metrics
@@ -108,7 +107,7 @@ class MirrorDispatcher:
         generation: Generation,
         route: RouteSettings,
         request: RequestSnapshot,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
     ) -> PairJoin | None:
         """Start the route's mirrors for this request; returns the join the primary must complete."""
         if not route.shadows or (route.sample_rate < 1.0 and self._rng() >= route.sample_rate):
@@ -122,7 +121,7 @@ class MirrorDispatcher:
                 self._drop(route.name, shadow, "overload")
             return None
         join: PairJoin | None = None
-        mirror_headers: CIMultiDict[str] | None = None  # built only if a mirror is sent
+        mirror_headers: list[tuple[str, str]] | None = None  # built only if a mirror is sent
         for shadow in route.shadows:
             key = (route.name, shadow)
             count = self.in_flight.get(key, 0)
@@ -145,8 +144,9 @@ class MirrorDispatcher:
             if join is None:
                 join = PairJoin(request, route, self._sink, generation.settings.sha256)
             if mirror_headers is None:
-                mirror_headers = headers.copy()
-                mirror_headers[route.mirror.header] = "1"
+                marker = route.mirror.header.lower()
+                mirror_headers = [(k, v) for k, v in headers if k.lower() != marker]
+                mirror_headers.append((route.mirror.header, "1"))
             self.in_flight[key] = count + 1
             self._metrics.mirror_in_flight.labels(route.name, shadow).inc()
             generation.in_use += 1  # released when the mirror finishes
@@ -162,7 +162,7 @@ class MirrorDispatcher:
         route: str,
         shadow: str,
         request: RequestSnapshot,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         join: PairJoin,
     ) -> None:
         key = (route, shadow)

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_id_from
+from shadowproxy.httpclient import Connection, UpstreamError
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher, PairJoin
 from shadowproxy.observation import Observation, RequestSnapshot
 from shadowproxy.runtime import Generation, Runtime
 from shadowproxy.settings import RouteSettings
-from shadowproxy.upstream import UpstreamClient, error_kind, request_payload
+from shadowproxy.upstream import UpstreamClient, decode_headers
 
 log = structlog.get_logger("shadowproxy.proxy")
 access_log = structlog.get_logger("shadowproxy.access")
@@ -55,7 +54,7 @@ def _failed(upstream: str, error: str) -> Observation:
     )
 
 
-def _ascii_headers(raw: tuple[tuple[bytes, bytes], ...]) -> bool:
+def _ascii_headers(raw: Iterable[tuple[bytes, bytes]]) -> bool:
     return all(name.isascii() and value.isascii() for name, value in raw)
 
 
@@ -167,14 +166,17 @@ class ProxyHandler:
         except TimeoutError:
             return error_response(408, "request body not received in time", request_id)
 
-        headers = end_to_end(request.headers, _DROP_REQUEST)
-        headers[REQUEST_ID] = request_id
-        headers["X-Forwarded-For"] = forwarded_for(
-            request.headers.get("X-Forwarded-For"), request.remote
+        headers = end_to_end(request.headers.items(), _DROP_REQUEST)
+        headers.append((REQUEST_ID, request_id))
+        headers.append(
+            (
+                "X-Forwarded-For",
+                forwarded_for(request.headers.get("X-Forwarded-For"), request.remote),
+            )
         )
-        headers["X-Forwarded-Proto"] = request.scheme
+        headers.append(("X-Forwarded-Proto", request.scheme))
         if request.host:
-            headers["X-Forwarded-Host"] = request.host
+            headers.append(("X-Forwarded-Host", request.host))
 
         join: PairJoin | None = None
         if route.shadows:
@@ -185,7 +187,7 @@ class ProxyHandler:
                 method=request.method,
                 path=request.path,
                 query=request.query_string,
-                headers=tuple((str(k), v) for k, v in headers.items()),
+                headers=tuple((str(k), v) for k, v in headers),  # multidict's istr → str
                 body=body,
             )
             join = self._dispatcher.dispatch(generation, route, snapshot, headers)
@@ -211,7 +213,7 @@ class ProxyHandler:
         client: UpstreamClient,
         route: RouteSettings,
         raw_path: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: bytes,
         request_id: str,
         join: PairJoin | None,
@@ -222,42 +224,39 @@ class ProxyHandler:
         response_headers: tuple[tuple[str, str], ...] = ()
         error: str | None = None
         name = client.settings.name
+        timeout = client.read_timeout
         try:
             try:
-                upstream = await client.session.request(
-                    request.method,
-                    client.url(raw_path),
-                    headers=headers,
-                    data=request_payload(body),
-                    allow_redirects=False,
+                upstream = await client.pool.send(
+                    request.method, raw_path, headers, body, idle_s=timeout
                 )
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-                error = error_kind(exc)
+            except UpstreamError as exc:
+                error = exc.kind
                 code = 504 if error == "timeout" else 502
                 return error_response(code, f"primary upstream {name}: {error}", request_id)
             try:
-                if not _ascii_headers(upstream.raw_headers):
+                if not _ascii_headers(upstream.headers):
                     error = "protocol"
                     upstream.close()  # never reuse a connection that spoke oddly
                     message = f"primary upstream {name}: non-ASCII bytes in response headers"
                     return error_response(502, message, request_id)
                 status = upstream.status
-                response_headers = tuple((str(k), v) for k, v in upstream.headers.items())
-                out_headers = end_to_end(upstream.headers, _DROP_RESPONSE)
-                out_headers[REQUEST_ID] = request_id
+                response_headers = decode_headers(upstream.headers)
+                out_headers = end_to_end(response_headers, _DROP_RESPONSE)
+                out_headers.append((REQUEST_ID, request_id))
                 length = upstream.content_length
                 if request.method != "HEAD" and length is not None and length <= _WHOLE_BODY_LIMIT:
                     try:
-                        data = await upstream.read()
-                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                        error = error_kind(exc)
+                        data = await upstream.read(timeout)
+                    except UpstreamError as exc:
+                        error = exc.kind
                         code = 504 if error == "timeout" else 502
                         return error_response(code, f"primary upstream {name}: {error}", request_id)
                     capture.add(data)
                     return web.Response(
                         status=status, reason=upstream.reason, headers=out_headers, body=data
                     )
-                response, error = await _stream(request, upstream, out_headers, capture)
+                response, error = await _stream(request, upstream, timeout, out_headers, capture)
                 return response
             finally:
                 upstream.release()
@@ -304,8 +303,9 @@ class _Capture:
 
 async def _stream(
     request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
+    upstream: Connection,
+    idle_s: float,
+    headers: list[tuple[str, str]],
     capture: _Capture,
 ) -> tuple[web.StreamResponse, str | None]:
     """Send the upstream's answer chunk by chunk as it arrives; the error kind if it broke."""
@@ -314,20 +314,15 @@ async def _stream(
         response.content_length = upstream.content_length
     await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.read_chunk(idle_s):
             capture.add(chunk)
             await response.write(chunk)
-    except (
-        TimeoutError,
-        aiohttp.ClientPayloadError,
-        aiohttp.ClientOSError,
-        aiohttp.ServerDisconnectedError,
-    ) as exc:
+    except UpstreamError as exc:
         # The head is already sent: abort the client connection so a cut answer never looks
         # complete.
         if request.transport is not None:
             request.transport.abort()
-        return response, error_kind(exc)
+        return response, exc.kind
     except ConnectionResetError:
         capture.truncated = True  # the client went away; the pair is still recorded
         return response, None

@@ -110,7 +110,12 @@ async def replay_one(
     headers = request_headers(recorded, route)
     received = time.time()
     shadow = await observe(
-        client, recorded.method, raw_path, headers, body, settings.storage.max_stored_body_bytes
+        client,
+        recorded.method,
+        raw_path,
+        headers.items(),
+        body,
+        settings.storage.max_stored_body_bytes,
     )
     primary_body, primary_truncated = _stored_body(recorded.primary_body)
     primary = Observation(

@@ -157,13 +157,13 @@ async def test_reload_under_load_drops_no_request_and_drains_old_pools(tmp_path:
         await asyncio.gather(*loaders)
         assert failures == []
         assert {"a", "b"} <= set(answered)
-        assert not old_client.session.closed  # the slow request still holds the first generation
+        assert not old_client.closed  # the slow request still holds the first generation
         gate.set()
         assert await slow == "a"  # in-flight request finished on the old routes
         # "a" was removed and re-added 10 times: pools nobody uses any more are closed.
         write_config(tmp_path, {"b": base(b)}, [{"name": "r", "primary": "b"}])
         await service.reload()
-        await wait_until(lambda: old_client.session.closed)
+        await wait_until(lambda: old_client.closed)
     await a.close()
     await b.close()
 
