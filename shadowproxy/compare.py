@@ -156,6 +156,8 @@ def _parse(body: bytes) -> Any:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return _NOT_JSON
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return data  # too few brackets to nest deeper than the limit: no walk needed
     return _NOT_JSON if _deeper_than(data, MAX_DEPTH) else data
 
 
@@ -172,9 +174,27 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+@functools.lru_cache(maxsize=256)
+def _dotted_keys(expression: str) -> tuple[str, ...] | None:
+    """``a.b.c`` as its keys when the expression is nothing more than that, else None."""
+    return tuple(expression.split(".")) if _DOTTED.fullmatch(expression) else None
+
+
 def _search(expression: str | None, data: Any) -> Any:
     if expression is None:
         return None
+    keys = _dotted_keys(expression)
+    if keys is not None:
+        # What JMESPath gives for plain field access, without its interpreter: a missing key
+        # or a non-object on the way is null.
+        for key in keys:
+            if not isinstance(data, dict):
+                return None
+            data = data.get(key)
+        return data
     try:
         return compile_expression(expression).search(data)
     except (JMESPathError, ArithmeticError, TypeError, RecursionError):

@@ -347,7 +347,7 @@ class ConnectionPool:
         self, method: str, target: str, headers: Iterable[tuple[str, str]], body_length: int
     ) -> bytes:
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
         if body_length or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {body_length}\r\n")
         lines.append("\r\n")

@@ -126,6 +126,8 @@ class Metrics:
         self._config_sha = ""
         self._request_children: dict[tuple[str, str, str, str], Counter] = {}
         self._latency_children: dict[tuple[str, str, str], Histogram] = {}
+        self._comparison_children: dict[tuple[str, str, str], Counter] = {}
+        self._in_flight_children: dict[tuple[str, str], Gauge] = {}
 
     def set_config(self, sha256: str) -> None:
         if self._config_sha:
@@ -156,13 +158,26 @@ class Metrics:
     def observe_comparison(
         self, route: str, shadow: str, outcome: str, agreement: bool | None
     ) -> None:
-        self.comparisons_total.labels(route, shadow, outcome).inc()
+        counter = self._comparison_children.get((route, shadow, outcome))
+        if counter is None:
+            counter = self.comparisons_total.labels(route, shadow, outcome)
+            self._comparison_children[(route, shadow, outcome)] = counter
+        counter.inc()
         if agreement is not None:
             key = (route, shadow)
             window = self._agreements.get(key)
             if window is None:
                 window = self._agreements[key] = deque(maxlen=self.window)
             window.append(agreement)
+
+    def mirrors_in_flight(self, route: str, shadow: str) -> Gauge:
+        """The in-flight gauge's child for one route and shadow (cached, as above)."""
+        gauge = self._in_flight_children.get((route, shadow))
+        if gauge is None:
+            gauge = self._in_flight_children[(route, shadow)] = self.mirror_in_flight.labels(
+                route, shadow
+            )
+        return gauge
 
     def refresh_rolling(self) -> None:
         """Recompute the rolling gauges; called periodically, not per request."""

@@ -148,7 +148,7 @@ class MirrorDispatcher:
                 mirror_headers = [(k, v) for k, v in headers if k.lower() != marker]
                 mirror_headers.append((route.mirror.header, "1"))
             self.in_flight[key] = count + 1
-            self._metrics.mirror_in_flight.labels(route.name, shadow).inc()
+            self._metrics.mirrors_in_flight(route.name, shadow).inc()
             generation.in_use += 1  # released when the mirror finishes
             self._tasks.spawn(
                 self._mirror(generation, route.name, shadow, request, mirror_headers, join),
@@ -178,7 +178,7 @@ class MirrorDispatcher:
             )
         finally:
             self.in_flight[key] -= 1
-            self._metrics.mirror_in_flight.labels(route, shadow).dec()
+            self._metrics.mirrors_in_flight(route, shadow).dec()
             self._runtime.release(generation)
         breaker = self.breakers.get(shadow)
         if breaker is not None and breaker.record(refused=observation.error == "connect"):

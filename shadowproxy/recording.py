@@ -93,6 +93,8 @@ def body_text(raw: bytes, limit: int, already_truncated: bool = False) -> str:
 
 def safe_text(text: str) -> str:
     """Text every store accepts: NUL as the four characters ``\\x00``, lone surrogates escaped."""
+    if text.isascii():  # the common case, checked in C: no surrogates possible
+        return text.replace("\x00", "\\x00") if "\x00" in text else text
     if "\x00" in text:
         text = text.replace("\x00", "\\x00")
     try:
