@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None  # loop time by which the whole exchange must end
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -202,6 +203,11 @@ class Connection(asyncio.Protocol):
             waiter.set_exception(UpstreamError("timeout"))
 
     async def _wait(self, idle_s: float | None) -> None:
+        if self._deadline is not None:
+            left = self._deadline - self._loop.time()
+            if left <= 0:
+                raise UpstreamError("timeout")
+            idle_s = left if idle_s is None else min(idle_s, left)
         waiter = self._waiter = self._loop.create_future()
         timer = None if idle_s is None else self._loop.call_later(idle_s, self._timed_out, waiter)
         try:
@@ -318,8 +324,7 @@ class ConnectionPool:
         self.connections.discard(connection)
         # A closed idle connection stays in the list until it is next looked at.
 
-    async def _connection(self) -> Connection:
-        loop = asyncio.get_running_loop()
+    async def _connection(self, loop: asyncio.AbstractEventLoop, connect_s: float) -> Connection:
         now = loop.time()
         while self._idle:
             connection = self._idle.pop()  # the most recently used: the least likely stale
@@ -329,7 +334,7 @@ class ConnectionPool:
         if self.closed:
             raise UpstreamError("connect", "connection pool closed")
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(connect_s):
                 _, connection = await loop.create_connection(
                     lambda: Connection(self, loop),
                     self.host,
@@ -367,14 +372,19 @@ class ConnectionPool:
         body: bytes,
         *,
         idle_s: float | None,
+        total_s: float | None = None,
     ) -> Connection:
-        """Send one request and wait for the answer's head (at most ``idle_s`` of silence).
+        """Send one request and wait for the answer's head: at most ``idle_s`` of silence at
+        any point, and with ``total_s`` the whole exchange, body included, within that time.
 
         The returned connection carries the answer; the caller must ``release`` or ``close`` it.
         """
         head = self.encode_head(method, target, headers, len(body))
-        connection = await self._connection()
+        loop = asyncio.get_running_loop()
+        connect_s = self.connect_timeout if total_s is None else min(self.connect_timeout, total_s)
+        connection = await self._connection(loop, connect_s)
         connection._head_only = method == "HEAD"
+        connection._deadline = None if total_s is None else loop.time() + total_s
         try:
             await connection._exchange(head, body, idle_s)
         except BaseException:

@@ -51,7 +51,11 @@ class ComparisonPipeline:
                 comparison.agreement,
             )
             # Bodies are stored as compared: decoded, so a gzip answer is readable in the row.
-            decoded_exchange = replace(exchange, primary=primary, shadow=shadow)
+            decoded_exchange = (
+                exchange
+                if primary is exchange.primary and shadow is exchange.shadow
+                else replace(exchange, primary=primary, shadow=shadow)
+            )
             record = build_record(decoded_exchange, comparison, self.storage, self._instance)
         except Exception as exc:  # contained: a bad pair must not hurt the next one
             log.error("pair_processing_failed", route=exchange.request.route, error=repr(exc))

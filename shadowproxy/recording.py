@@ -9,6 +9,7 @@ PostgreSQL text and jsonb reject NUL, and lone surrogates cannot be encoded.
 from __future__ import annotations
 
 import codecs
+from itertools import chain
 from typing import Any
 
 from shadowproxy.observation import Exchange
@@ -47,10 +48,7 @@ def build_record(
         method=safe_text(request.method),
         path=safe_text(request.path),
         query=safe_text(request.query),
-        request_headers={
-            safe_text(k): safe_text(v)
-            for k, v in redact_headers(request.headers, redact.headers).items()
-        },
+        request_headers=_safe_headers(redact_headers(request.headers, redact.headers)),
         request_body=body(request.body, False),
         primary_upstream=safe_text(primary.upstream),
         primary_status=primary.status,
@@ -113,6 +111,13 @@ def safe_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [safe_json(v) for v in value]
     return value
+
+
+def _safe_headers(headers: dict[str, str]) -> dict[str, str]:
+    text = "".join(chain.from_iterable(headers.items()))
+    if text.isascii() and "\x00" not in text:  # what the proxy forwards: one check for all
+        return headers
+    return {safe_text(k): safe_text(v) for k, v in headers.items()}
 
 
 def _opt_text(text: str | None) -> str | None:

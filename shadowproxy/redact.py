@@ -9,6 +9,7 @@ wherever it appears as a key: over-redacting is safe, leaking is not.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -20,18 +21,24 @@ REDACTED = "[REDACTED]"
 
 def redact_headers(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> dict[str, str]:
     """Headers as a dict (repeated names joined with ", "), redacted names' values replaced."""
-    secret = {n.lower() for n in names}
+    secret = _lowered(names if isinstance(names, tuple) else tuple(names))
     out: dict[str, str] = {}
     spelled: dict[str, str] = {}  # lower-case name -> spelling first seen
     for name, value in headers:
-        key = spelled.setdefault(name.lower(), name)
-        if name.lower() in secret:
+        lower = name.lower()
+        key = spelled.setdefault(lower, name)
+        if lower in secret:
             out[key] = REDACTED
         elif key in out:
             out[key] = f"{out[key]}, {value}"
         else:
             out[key] = value
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(n.lower() for n in names)
 
 
 def redact_json_body(body: bytes, paths: Iterable[str]) -> bytes:

@@ -89,33 +89,32 @@ async def observe(
     started = time.perf_counter()
     name = client.settings.name
     try:
-        async with asyncio.timeout(client.total_timeout):
-            connection = await client.pool.send(method, raw_path, headers, body, idle_s=None)
-            try:
-                chunks: list[bytes] = []
-                room = capture_limit
-                truncated = False
-                while chunk := await connection.read_chunk(None):
-                    if len(chunk) > room:
-                        chunks.append(chunk[:room])
-                        truncated = True
-                        break  # stop reading; the connection is closed, not reused
-                    chunks.append(chunk)
-                    room -= len(chunk)
-                return Observation(
-                    upstream=name,
-                    status=connection.status,
-                    headers=decode_headers(connection.headers),
-                    body=chunks[0] if len(chunks) == 1 else b"".join(chunks),
-                    body_truncated=truncated,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                )
-            finally:
-                connection.release()
+        connection = await client.pool.send(
+            method, raw_path, headers, body, idle_s=None, total_s=client.total_timeout
+        )
+        try:
+            chunks: list[bytes] = []
+            room = capture_limit
+            truncated = False
+            while chunk := await connection.read_chunk(None):
+                if len(chunk) > room:
+                    chunks.append(chunk[:room])
+                    truncated = True
+                    break  # stop reading; the connection is closed, not reused
+                chunks.append(chunk)
+                room -= len(chunk)
+            return Observation(
+                upstream=name,
+                status=connection.status,
+                headers=decode_headers(connection.headers),
+                body=chunks[0] if len(chunks) == 1 else b"".join(chunks),
+                body_truncated=truncated,
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        finally:
+            connection.release()
     except UpstreamError as exc:
         return _failed(name, started, exc.kind)
-    except TimeoutError:
-        return _failed(name, started, "timeout")
 
 
 def decode_headers(raw: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
