@@ -15,7 +15,10 @@ def decoded(observation: Observation, cap: int) -> Observation:
 
     Unknown encodings or corrupt data leave the body as it was.
     """
-    encoding = next((v for k, v in observation.headers if k.lower() == "content-encoding"), "")
+    encoding = next(
+        (v for k, v in observation.headers if len(k) == 16 and k.lower() == "content-encoding"),
+        "",
+    )
     wbits = _WBITS.get(encoding.strip().lower())
     if wbits is None or not observation.body:
         return observation

@@ -77,6 +77,9 @@ def body_text(raw: bytes, limit: int, already_truncated: bool = False) -> str:
     a UTF-8 sequence: an incomplete trailing sequence is dropped, not escaped.
     """
     cut = len(raw) > limit
+    if not cut and raw.isascii() and b"\x00" not in raw:  # the common case: nothing to do
+        text = raw.decode("ascii")
+        return text + TRUNCATION_MARKER if already_truncated else text
     if cut:
         decoder = codecs.getincrementaldecoder("utf-8")("backslashreplace")
         text = decoder.decode(raw[: max(limit, 0)], final=False)

@@ -157,6 +157,19 @@ def test_body_text_is_always_storable(raw: bytes, limit: int) -> None:
 
 
 @given(
+    st.text(st.characters(min_codepoint=1, max_codepoint=127), max_size=100).map(str.encode),
+    st.integers(min_value=0, max_value=120),
+    st.booleans(),
+)
+def test_plain_ascii_bodies_are_stored_as_they_are(raw: bytes, limit: int, cut: bool) -> None:
+    text = body_text(raw, limit, already_truncated=cut)
+    if len(raw) > limit:
+        assert text == raw[:limit].decode() + TRUNCATION_MARKER
+    else:
+        assert text == raw.decode() + (TRUNCATION_MARKER if cut else "")
+
+
+@given(
     secret=st.text(alphabet="0123456789", min_size=4, max_size=12),
     filler=st.text(alphabet="abcdefgh ", max_size=30),
     cut=st.integers(min_value=0, max_value=120),
