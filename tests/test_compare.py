@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jmespath
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from shadowproxy.compare import (
     ABSENT,
     MAX_DIFF,
+    _search,
     compare_responses,
     compile_expression,
     parse_path,
@@ -407,3 +409,17 @@ def test_similarity_is_symmetric(a: list[str], b: list[str], threshold: float) -
     x, y = " ".join(a), " ".join(b)
     assert similar(x, y, threshold) is similar(y, x, threshold)
     assert similar(x, x, threshold)
+
+
+_KEYS = st.sampled_from(["a", "b", "prediction", "_x", "null"])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(st.lists(_KEYS, min_size=1, max_size=4).map(".".join), _JSON)
+def test_plain_key_paths_read_what_jmespath_reads(expression: str, data: Any) -> None:
+    # Plain dotted keys skip the JMESPath interpreter; the answer must not change.
+    assert _search(expression, data) == jmespath.search(expression, data)
