@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -30,6 +32,7 @@ from shadowproxy.settings import Settings
 log = structlog.get_logger("shadowproxy.server")
 
 _WORKER_ENV = "SHADOWPROXY_WORKER_INDEX"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _GC_YOUNG_THRESHOLD = 20_000  # CPython default: 700
 
 
@@ -120,6 +123,19 @@ async def _sighup(service: Service) -> None:
         await service.reload(source="SIGHUP")
 
 
+def _die_with_parent(supervisor: int) -> Callable[[], None]:
+    """Run in the worker before exec: SIGTERM it when the supervisor dies, even by SIGKILL,
+    so no orphaned worker keeps serving an old config on the shared port."""
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != supervisor:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
 def supervise(args: argparse.Namespace, workers: int) -> int:
     """Run N worker processes; forward SIGHUP/SIGTERM; restart a worker that dies."""
     from prometheus_client import multiprocess
@@ -146,7 +162,8 @@ def supervise(args: argparse.Namespace, workers: int) -> int:
 
     def start(index: int) -> None:
         env = dict(os.environ, **{_WORKER_ENV: str(index), "PROMETHEUS_MULTIPROC_DIR": metrics_dir})
-        procs[index] = subprocess.Popen(argv, env=env)
+        tie = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
+        procs[index] = subprocess.Popen(argv, env=env, preexec_fn=tie)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -173,7 +190,8 @@ def supervise(args: argparse.Namespace, workers: int) -> int:
             if not stopping:
                 log.error("worker_died", worker=index, pid=proc.pid, code=code)
                 time.sleep(1.0)
-                start(index)
+                if not stopping:  # a SIGTERM during the pause: no new worker nobody would stop
+                    start(index)
             elif code != 0:
                 exit_code = code
     return exit_code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -176,3 +177,39 @@ async def test_admin_reload_reaches_every_worker(tmp_path: Path) -> None:
                         answers.append((await r.json())["prediction"])
     await a.close()
     await b.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+async def _exited(pid: int) -> None:
+    """Wait for any process (not only a child) to end, as an event: a pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_workers_end_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    p = await upstream("p")
+    config = sqlite_config(tmp_path, {"p": base(p)}, "p", [])
+    with serve(config, "--workers", "2") as proc:
+        await proc.ready()
+        workers = _children(proc.proc.pid)
+        assert len(workers) == 2
+        proc.signal(signal.SIGKILL)  # no chance to forward anything
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(_exited(pid) for pid in workers))
+    await p.close()
