@@ -14,7 +14,7 @@ import structlog
 
 from shadowproxy.breaker import CircuitBreaker
 from shadowproxy.metrics import Metrics
-from shadowproxy.observation import Exchange, ExchangeSink, Observation, RequestSnapshot
+from shadowproxy.observation import Exchange, ExchangeSink, Observation, RequestSnapshot, failed
 from shadowproxy.overload import LoopLagMonitor
 from shadowproxy.runtime import Generation, Runtime
 from shadowproxy.settings import RouteSettings
@@ -22,18 +22,6 @@ from shadowproxy.tasks import TaskGroup
 from shadowproxy.upstream import observe
 
 log = structlog.get_logger("shadowproxy.mirror")
-
-
-def _circuit_open(shadow: str) -> Observation:
-    return Observation(
-        upstream=shadow,
-        status=None,
-        headers=(),
-        body=b"",
-        body_truncated=False,
-        latency_ms=0.0,
-        error="circuit_open",
-    )
 
 
 class PairJoin:
@@ -139,7 +127,7 @@ class MirrorDispatcher:
                 if join is None:
                     join = PairJoin(request, route, self._sink, generation.settings.sha256)
                 self._metrics.observe_upstream(route.name, shadow, "shadow", "circuit_open", None)
-                join.shadow_done(_circuit_open(shadow))
+                join.shadow_done(failed(shadow, "circuit_open"))
                 continue
             if join is None:
                 join = PairJoin(request, route, self._sink, generation.settings.sha256)

@@ -37,6 +37,19 @@ class Observation:
     error: str | None = None
 
 
+def failed(upstream: str, error: str, latency_ms: float = 0.0) -> Observation:
+    """The observation of a call that produced no answer."""
+    return Observation(
+        upstream=upstream,
+        status=None,
+        headers=(),
+        body=b"",
+        body_truncated=False,
+        latency_ms=latency_ms,
+        error=error,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """One (request, shadow) pair: what compare and record consume."""

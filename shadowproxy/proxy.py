@@ -19,7 +19,7 @@ from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_i
 from shadowproxy.httpclient import Connection, UpstreamError
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher, PairJoin
-from shadowproxy.observation import Observation, RequestSnapshot
+from shadowproxy.observation import Observation, RequestSnapshot, failed
 from shadowproxy.runtime import Generation, Runtime
 from shadowproxy.settings import RouteSettings
 from shadowproxy.upstream import UpstreamClient, decode_headers
@@ -43,18 +43,6 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
 
 
-def _failed(upstream: str, error: str) -> Observation:
-    return Observation(
-        upstream=upstream,
-        status=None,
-        headers=(),
-        body=b"",
-        body_truncated=False,
-        latency_ms=0.0,
-        error=error,
-    )
-
-
 def _ascii_headers(raw: Iterable[tuple[bytes, bytes]]) -> bool:
     return b"".join(chain.from_iterable(raw)).isascii()
 
@@ -73,6 +61,12 @@ def error_response(status: int, message: str, request_id: str) -> web.Response:
     if status in (400, 408, 413):
         response.force_close()  # the rest of what this client sent cannot be trusted or is unread
     return response
+
+
+def _upstream_failure(upstream: str, kind: str, request_id: str) -> web.Response:
+    """The client's answer when the primary failed before any byte was forwarded."""
+    code = 504 if kind == "timeout" else 502
+    return error_response(code, f"primary upstream {upstream}: {kind}", request_id)
 
 
 async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
@@ -195,7 +189,7 @@ class ProxyHandler:
         client = generation.primaries[route.primary]
         if not await client.acquire():
             if join is not None:
-                join.primary_done(_failed(route.primary, "pool_exhausted"))
+                join.primary_done(failed(route.primary, "pool_exhausted"))
             self._metrics.observe_upstream(
                 route.name, route.primary, "primary", "pool_exhausted", None
             )
@@ -225,7 +219,7 @@ class ProxyHandler:
         response_headers: tuple[tuple[str, str], ...] = ()
         error: str | None = None
         name = client.settings.name
-        timeout = client.read_timeout
+        timeout = client.timeout_s
         try:
             try:
                 upstream = await client.pool.send(
@@ -233,8 +227,7 @@ class ProxyHandler:
                 )
             except UpstreamError as exc:
                 error = exc.kind
-                code = 504 if error == "timeout" else 502
-                return error_response(code, f"primary upstream {name}: {error}", request_id)
+                return _upstream_failure(name, error, request_id)
             try:
                 if not _ascii_headers(upstream.headers):
                     error = "protocol"
@@ -251,8 +244,7 @@ class ProxyHandler:
                         data = await upstream.read(timeout)
                     except UpstreamError as exc:
                         error = exc.kind
-                        code = 504 if error == "timeout" else 502
-                        return error_response(code, f"primary upstream {name}: {error}", request_id)
+                        return _upstream_failure(name, error, request_id)
                     capture.add(data)
                     return web.Response(
                         status=status, reason=upstream.reason, headers=out_headers, body=data

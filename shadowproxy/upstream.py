@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 
 from shadowproxy.httpclient import ConnectionPool, UpstreamError
-from shadowproxy.observation import Observation
+from shadowproxy.observation import Observation, failed
 from shadowproxy.settings import UpstreamSettings
 
 
@@ -20,16 +20,15 @@ class UpstreamClient:
     """One upstream's keep-alive pool for one role (``primary`` or ``shadow``).
 
     A primary's answer may stream for as long as it keeps sending: only silence longer than
-    ``timeout_ms`` ends it (``read_timeout``). A shadow's whole call is bounded by
-    ``timeout_ms`` (``total_timeout``).
+    ``timeout_ms`` ends it. A shadow's whole call is bounded by ``timeout_ms``. Both are
+    ``timeout_s``.
     """
 
     def __init__(self, settings: UpstreamSettings, role: str, *, limit: int) -> None:
         self.settings = settings
         self.role = role
         self.limit = limit
-        self.read_timeout = settings.timeout_ms / 1000
-        self.total_timeout = settings.timeout_ms / 1000
+        self.timeout_s = settings.timeout_ms / 1000
         self.pool = ConnectionPool(settings.url, connect_timeout=settings.connect_timeout_ms / 1000)
         # Requests beyond the pool wait here, at most `limit` of them and at most the
         # connect timeout; past that the proxy answers 503 instead of queueing without end.
@@ -64,18 +63,6 @@ class UpstreamClient:
         await self.pool.close()
 
 
-def _failed(upstream: str, started: float, error: str) -> Observation:
-    return Observation(
-        upstream=upstream,
-        status=None,
-        headers=(),
-        body=b"",
-        body_truncated=False,
-        latency_ms=(time.perf_counter() - started) * 1000,
-        error=error,
-    )
-
-
 async def observe(
     client: UpstreamClient,
     method: str,
@@ -90,7 +77,7 @@ async def observe(
     name = client.settings.name
     try:
         connection = await client.pool.send(
-            method, raw_path, headers, body, idle_s=None, total_s=client.total_timeout
+            method, raw_path, headers, body, idle_s=None, total_s=client.timeout_s
         )
         try:
             chunks: list[bytes] = []
@@ -114,7 +101,7 @@ async def observe(
         finally:
             connection.release()
     except UpstreamError as exc:
-        return _failed(name, started, exc.kind)
+        return failed(name, exc.kind, (time.perf_counter() - started) * 1000)
 
 
 def decode_headers(raw: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
