@@ -6,8 +6,6 @@ import re
 from collections.abc import Iterable
 from random import getrandbits
 
-from multidict import CIMultiDictProxy
-
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -43,9 +41,8 @@ def end_to_end(
     return out
 
 
-def request_id_from(headers: CIMultiDictProxy[str]) -> str:
+def request_id_from(given: str | None) -> str:
     """The client's X-Request-ID when it is sane (printable ASCII, ≤128 chars), else a new one."""
-    given = headers.get(REQUEST_ID)
     if given is not None and _REQUEST_ID_OK.match(given):
         return given
     # 128 random bits as hex, like uuid4().hex. Not from the OS (a syscall per request): an id

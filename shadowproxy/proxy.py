@@ -6,17 +6,15 @@ limit) as it streams past, and completes the request's ``PairJoin`` when done.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterable
-from itertools import chain
+from collections.abc import Callable
 
 import orjson
 import structlog
-from aiohttp import web
 
 from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_id_from
 from shadowproxy.httpclient import Connection, UpstreamError
+from shadowproxy.httpserver import BodyTooLarge, Request
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher, PairJoin
 from shadowproxy.observation import Observation, RequestSnapshot, failed
@@ -41,56 +39,29 @@ _DROP_REQUEST = frozenset(
     }
 )
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
+_JSON = "application/json"
 
 
-def _ascii_headers(raw: Iterable[tuple[bytes, bytes]]) -> bool:
-    return b"".join(chain.from_iterable(raw)).isascii()
+def _ascii_headers(raw: list[tuple[bytes, bytes]]) -> bool:
+    return b"".join([name + value for name, value in raw]).isascii()
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-def error_response(status: int, message: str, request_id: str) -> web.Response:
-    response = web.Response(
-        status=status,
-        body=orjson.dumps({"error": message, "request_id": request_id}),
-        content_type="application/json",
-        headers={REQUEST_ID: request_id},
+def error_response(request: Request, status: int, message: str, request_id: str) -> None:
+    """A JSON error answer; after 400, 408 and 413 the connection is closed, since the rest of
+    what this client sent cannot be trusted or is unread."""
+    request.respond(
+        status,
+        None,
+        [("Content-Type", _JSON), (REQUEST_ID, request_id)],
+        orjson.dumps({"error": message, "request_id": request_id}),
+        close=status in (400, 408, 413),
     )
-    if status in (400, 408, 413):
-        response.force_close()  # the rest of what this client sent cannot be trusted or is unread
-    return response
 
 
-def _upstream_failure(upstream: str, kind: str, request_id: str) -> web.Response:
+def _upstream_failure(request: Request, upstream: str, kind: str, request_id: str) -> None:
     """The client's answer when the primary failed before any byte was forwarded."""
     code = 504 if kind == "timeout" else 502
-    return error_response(code, f"primary upstream {upstream}: {kind}", request_id)
-
-
-async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
-    """The whole request body, at most ``limit`` bytes; each chunk must arrive within the idle timeout."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise BodyTooLarge
-    if not request.body_exists:
-        return b""
-    content = request.content
-    if declared is not None and content.total_bytes >= declared:
-        return await content.readexactly(declared)  # already buffered: no wait, no timer
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        async with asyncio.timeout(idle_timeout_s):
-            chunk = await content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+    error_response(request, code, f"primary upstream {upstream}: {kind}", request_id)
 
 
 class ProxyHandler:
@@ -107,66 +78,69 @@ class ProxyHandler:
         self._metrics = metrics
         self._capture_limit = capture_limit
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         if not self._runtime.settings.server.access_log:
-            return await self._handle(request)
+            await self._handle(request)
+            return
         started = time.perf_counter()
-        response = await self._handle(request)
+        request_id = await self._handle(request)
         access_log.info(
             "request",
             method=request.method,
             path=request.path,
-            status=response.status,
+            status=request.status,
             ms=round((time.perf_counter() - started) * 1000, 3),
-            request_id=response.headers.get(REQUEST_ID),
+            request_id=request_id,
             remote=request.remote,
         )
-        return response
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request_id = request_id_from(request.headers)
-        raw_path = request.raw_path
-        if not raw_path.startswith("/"):
+    async def _handle(self, request: Request) -> str:
+        """Answer one request; returns its request id."""
+        request_id = request_id_from(request.header("x-request-id"))
+        if not request.target.startswith("/"):
             # Absolute-form or authority-form targets: the upstream is chosen by config only.
-            return error_response(400, "request target must be an absolute path", request_id)
-        if not _ascii_headers(request.raw_headers):
-            # aiohttp's client would silently drop the non-ASCII bytes: refuse rather than alter.
-            return error_response(400, "request headers contain non-ASCII bytes", request_id)
+            error_response(request, 400, "request target must be an absolute path", request_id)
+            return request_id
         generation = self._runtime.acquire()
         try:
             path = request.path
-            route = generation.table.match(request.method, path, request.host)
+            route = generation.table.match(request.method, path, request.host or "")
             if route is None:
-                return error_response(404, f"no route matches {request.method} {path}", request_id)
-            return await self._forward(request, generation, route, request_id, raw_path)
+                message = f"no route matches {request.method} {path}"
+                error_response(request, 404, message, request_id)
+            else:
+                await self._forward(request, generation, route, request_id)
         finally:
             self._runtime.release(generation)
+        return request_id
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         generation: Generation,
         route: RouteSettings,
         request_id: str,
-        raw_path: str,
-    ) -> web.StreamResponse:
+    ) -> None:
         settings = generation.settings.server
         received = time.time()
         try:
-            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            body = await request.read_body(settings.max_body_bytes, settings.body_timeout_s)
         except BodyTooLarge:
-            return error_response(
-                413, f"request body over {settings.max_body_bytes} bytes", request_id
-            )
+            message = f"request body over {settings.max_body_bytes} bytes"
+            error_response(request, 413, message, request_id)
+            return
         except TimeoutError:
-            return error_response(408, "request body not received in time", request_id)
+            error_response(request, 408, "request body not received in time", request_id)
+            return
+        except ConnectionResetError:
+            return  # the client left (or its body broke off) before the request was whole
 
-        headers = end_to_end(request.headers.items(), _DROP_REQUEST)
+        headers = end_to_end(request.headers, _DROP_REQUEST)
         headers.append((REQUEST_ID, request_id))
         headers.append(
             (
                 "X-Forwarded-For",
-                forwarded_for(request.headers.get("X-Forwarded-For"), request.remote),
+                forwarded_for(request.header("x-forwarded-for"), request.remote),
             )
         )
         headers.append(("X-Forwarded-Proto", request.scheme))
@@ -175,14 +149,15 @@ class ProxyHandler:
 
         join: PairJoin | None = None
         if route.shadows:
+            raw_path, _, query = request.target.partition("?")
             snapshot = RequestSnapshot(
                 request_id=request_id,
                 ts=received,
                 route=route.name,
                 method=request.method,
-                path=request.path,
-                query=request.query_string,
-                headers=tuple((str(k), v) for k, v in headers),  # multidict's istr → str
+                path=raw_path,  # as sent: what a mirror or a replay must send again
+                query=query,
+                headers=tuple(headers),
                 body=body,
             )
             join = self._dispatcher.dispatch(generation, route, snapshot, headers)
@@ -194,25 +169,23 @@ class ProxyHandler:
                 route.name, route.primary, "primary", "pool_exhausted", None
             )
             message = f"primary upstream {route.primary}: connection pool exhausted"
-            return error_response(503, message, request_id)
+            error_response(request, 503, message, request_id)
+            return
         try:
-            return await self._primary(
-                request, client, route, raw_path, headers, body, request_id, join
-            )
+            await self._primary(request, client, route, headers, body, request_id, join)
         finally:
             client.release()
 
     async def _primary(
         self,
-        request: web.BaseRequest,
+        request: Request,
         client: UpstreamClient,
         route: RouteSettings,
-        raw_path: str,
         headers: list[tuple[str, str]],
         body: bytes,
         request_id: str,
         join: PairJoin | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         started = time.perf_counter()
         capture = _Capture(self._capture_limit() if join is not None else 0)
         status: int | None = None
@@ -223,17 +196,19 @@ class ProxyHandler:
         try:
             try:
                 upstream = await client.pool.send(
-                    request.method, raw_path, headers, body, idle_s=timeout
+                    request.method, request.target, headers, body, idle_s=timeout
                 )
             except UpstreamError as exc:
                 error = exc.kind
-                return _upstream_failure(name, error, request_id)
+                _upstream_failure(request, name, error, request_id)
+                return
             try:
                 if not _ascii_headers(upstream.headers):
                     error = "protocol"
                     upstream.close()  # never reuse a connection that spoke oddly
                     message = f"primary upstream {name}: non-ASCII bytes in response headers"
-                    return error_response(502, message, request_id)
+                    error_response(request, 502, message, request_id)
+                    return
                 status = upstream.status
                 response_headers = decode_headers(upstream.headers)
                 out_headers = end_to_end(response_headers, _DROP_RESPONSE)
@@ -244,13 +219,12 @@ class ProxyHandler:
                         data = await upstream.read(timeout)
                     except UpstreamError as exc:
                         error = exc.kind
-                        return _upstream_failure(name, error, request_id)
+                        _upstream_failure(request, name, error, request_id)
+                        return
                     capture.add(data)
-                    return web.Response(
-                        status=status, reason=upstream.reason, headers=out_headers, body=data
-                    )
-                response, error = await _stream(request, upstream, timeout, out_headers, capture)
-                return response
+                    request.respond(status, upstream.reason, out_headers, data)
+                    return
+                error = await _stream(request, upstream, timeout, out_headers, capture)
             finally:
                 upstream.release()
         finally:
@@ -295,29 +269,26 @@ class _Capture:
 
 
 async def _stream(
-    request: web.BaseRequest,
+    request: Request,
     upstream: Connection,
     idle_s: float,
     headers: list[tuple[str, str]],
     capture: _Capture,
-) -> tuple[web.StreamResponse, str | None]:
+) -> str | None:
     """Send the upstream's answer chunk by chunk as it arrives; the error kind if it broke."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    await response.prepare(request)
+    request.start(upstream.status, upstream.reason, headers, upstream.content_length)
     try:
         while chunk := await upstream.read_chunk(idle_s):
             capture.add(chunk)
-            await response.write(chunk)
+            await request.send(chunk)
     except UpstreamError as exc:
         # The head is already sent: abort the client connection so a cut answer never looks
         # complete.
-        if request.transport is not None:
-            request.transport.abort()
-        return response, exc.kind
+        request.abort()
+        return exc.kind
     except ConnectionResetError:
         capture.truncated = True  # the client went away; the pair is still recorded
-        return response, None
-    await response.write_eof()
-    return response, None
+        request.abort()
+        return None
+    request.finish()
+    return None

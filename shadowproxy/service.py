@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from shadowproxy.config import load_settings
 from shadowproxy.errors import ConfigError
-from shadowproxy.listener import GuardedServer, assert_c_parser
+from shadowproxy.httpserver import HttpServer, assert_c_parser
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher
 from shadowproxy.overload import LoopLagMonitor
@@ -118,7 +118,7 @@ class Service:
         )
         self.watcher: ConfigWatcher | None = None
         self._reload_lock = asyncio.Lock()
-        self.proxy_runner: web.ServerRunner | None = None
+        self.proxy_server: HttpServer | None = None
         self.admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -138,30 +138,19 @@ class Service:
         self.tasks.spawn(self.overload.run(), name="loop-lag-monitor")
         self.tasks.spawn(self._refresh_rolling_metrics(), name="rolling-metrics")
         assert_c_parser()
-        server = GuardedServer(
+        self.proxy_server = HttpServer(
             self.handler,
             header_timeout_s=settings.server.header_timeout_s,
+            keepalive_timeout_s=settings.server.keepalive_timeout_s,
             max_connections=settings.server.max_connections,
+            max_body_bytes=lambda: self.runtime.settings.server.max_body_bytes,
             on_reject=lambda reason: self.metrics.connections_rejected_total.labels(reason).inc(),
-            keepalive_timeout=settings.server.keepalive_timeout_s,
-            # After an early answer (413, 408) read what the client still sends for at most
-            # this long, so it sees the answer rather than a reset, then close.
-            lingering_time=2.0,
-            access_log=None,
+            on_task_error=lambda exc: self._background_error("connection", exc),
         )
-        self.proxy_runner = web.ServerRunner(
-            server, shutdown_timeout=settings.server.shutdown_grace_s
+        await self.proxy_server.start(
+            settings.server.host, settings.server.port, reuse_port=self.reuse_port
         )
-        await self.proxy_runner.setup()
-        site = web.TCPSite(
-            self.proxy_runner,
-            settings.server.host,
-            settings.server.port,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        await site.start()
-        self.proxy_port = _bound_port(self.proxy_runner)
+        self.proxy_port = self.proxy_server.port
         if admin:
             from shadowproxy.admin import build_admin_app
 
@@ -197,9 +186,9 @@ class Service:
         started = time.monotonic()
         if self.watcher is not None:
             await self.watcher.stop()
-        if self.proxy_runner is not None:
-            await self.proxy_runner.cleanup()  # closes listeners, waits for in-flight handlers
         grace = self.settings.server.shutdown_grace_s
+        if self.proxy_server is not None:
+            await self.proxy_server.close(grace)  # stops listening, lets in-flight requests end
         leftover = await self.mirror_tasks.wait(
             deadline_s=max(1.0, grace - (time.monotonic() - started))
         )

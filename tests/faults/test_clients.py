@@ -198,7 +198,7 @@ async def test_connection_cap(tmp_path: Path) -> None:
         )
         for _, writer in held:
             writer.close()
-        await wait_until(lambda: len(service.proxy_runner.server.connections) == 0)  # type: ignore[union-attr]
+        await wait_until(lambda: len(service.proxy_server.connections) == 0)  # type: ignore[union-attr]
         ok = await exchange(
             service.proxy_port, b"GET /p HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         )
@@ -211,7 +211,7 @@ async def test_client_abort_during_upload_contacts_nobody(tmp_path: Path) -> Non
         writer.write(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
         await writer.drain()
         writer.transport.abort()
-        await wait_until(lambda: len(service.proxy_runner.server.connections) == 0)  # type: ignore[union-attr]
+        await wait_until(lambda: len(service.proxy_server.connections) == 0)  # type: ignore[union-attr]
         assert primary.seen == [] and shadow.seen == []
         assert len(service.mirror_tasks) == 0
 
@@ -328,11 +328,14 @@ async def test_unusable_request_id_is_replaced(tmp_path: Path, given: str) -> No
 
 
 def test_refuses_to_start_without_the_c_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiohttp import http_parser
+    import httptools
 
-    from shadowproxy.listener import assert_c_parser
+    from shadowproxy.httpserver import assert_c_parser
+
+    class PurePythonParser:
+        pass
 
     assert_c_parser()  # llhttp is what runs here
-    monkeypatch.setattr(http_parser, "HttpRequestParser", http_parser.HttpRequestParserPy)
+    monkeypatch.setattr(httptools, "HttpRequestParser", PurePythonParser)
     with pytest.raises(RuntimeError, match="llhttp"):
         assert_c_parser()
