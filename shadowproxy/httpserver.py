@@ -347,6 +347,7 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._reading_paused = False
         self._stop_reading = False  # after an upgrade or a malformed head: parse nothing more
+        self._half_closed = False  # the client sent EOF: answer what was asked, then close
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self.deadline = 0.0
@@ -376,6 +377,20 @@ class _Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client closed the connection"))
         self._wake()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the answer; then we close.
+        self._stop_reading = True
+        if self._parsing is not None:  # its body can no longer arrive
+            self._parsing._fail()
+            return False
+        if self._busy or self._queue:
+            for request in self._queue:
+                if isinstance(request, Request):
+                    request.keep_alive = False
+            self._half_closed = True
+            return True
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -549,7 +564,7 @@ class _Connection(asyncio.Protocol):
                 item.abort()  # the handler returned without a whole answer
             if not self.open():
                 return
-            if not item.keep_alive or server.closing:
+            if not item.keep_alive or server.closing or (self._half_closed and not queue):
                 self._close_after(item)
                 return
             if not queue and not self._in_head:

@@ -323,3 +323,14 @@ async def test_close_finishes_in_flight_answers_and_drops_idle_connections() -> 
     await asyncio.wait_for(closing, 10)
     busy_writer.close()
     idle_writer.close()
+
+
+async def test_client_that_half_closes_after_its_request_gets_the_answer() -> None:
+    async with running() as (server, _):
+        reader, writer = await connect(server)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        writer.write_eof()
+        answers = [orjson.loads((await read_response(reader))[2]) for _ in range(2)]
+        assert [a["target"] for a in answers] == ["/a", "/b"]
+        assert await closed_by_server(reader)
+        writer.close()
