@@ -19,10 +19,10 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
 from random import getrandbits
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
@@ -702,9 +702,10 @@ class HttpServer:
             backlog=1024,
         )
         self._sweeper = self.loop.create_task(self._sweep(), name="httpserver-deadlines")
+        self._sweeper.add_done_callback(self._task_done)  # a failure is logged and counted
 
-    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

@@ -269,7 +269,8 @@ async def test_mirror_gets_same_request_plus_marker(tmp_path: Path) -> None:
     )
     async with running_service(config) as service, aiohttp.ClientSession() as client:
         async with client.put(
-            f"http://127.0.0.1:{service.proxy_port}/m?q=1",
+            # percent-encoding is part of what is mirrored and recorded, byte for byte
+            URL(f"http://127.0.0.1:{service.proxy_port}/m%20x?q=%201", encoded=True),
             data=b"payload",
             headers={"X-Request-ID": "mirror-1"},
         ) as r:
@@ -281,7 +282,14 @@ async def test_mirror_gets_same_request_plus_marker(tmp_path: Path) -> None:
     await primary.close()
     await shadow.close()
     p, s = primary_seen[0], shadow_seen[0]
-    assert (s["method"], s["path"], s["body"]) == ("PUT", "/m?q=1", "payload")
+    assert p["path"] == "/m%20x?q=%201"
+    assert (s["method"], s["path"], s["body"]) == ("PUT", "/m%20x?q=%201", "payload")
+    (record,) = [
+        orjson.loads(line)
+        for f in (tmp_path / "records").glob("*.jsonl")
+        for line in f.read_bytes().splitlines()
+    ]
+    assert (record["path"], record["query"]) == ("/m%20x", "q=%201")
     p_headers = {k.lower(): v for k, v in p["headers"] if k.lower() != "host"}
     s_headers = {k.lower(): v for k, v in s["headers"] if k.lower() != "host"}
     assert s_headers.pop("x-shadow-request") == "1"
