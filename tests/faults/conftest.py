@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import uvloop
+
+# The client-facing server is exercised on both event loops: the stdlib one the in-process
+# tests default to, and uvloop, which `shadowproxy serve` runs on (its transports differ).
+_BOTH_LOOPS = {"test_httpserver.py", "test_clients.py"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in _BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def _open_fds() -> dict[int, str]:
