@@ -334,3 +334,22 @@ async def test_client_that_half_closes_after_its_request_gets_the_answer() -> No
         assert [a["target"] for a in answers] == ["/a", "/b"]
         assert await closed_by_server(reader)
         writer.close()
+
+
+async def test_a_head_that_never_ends_is_cut_at_the_size_limit() -> None:
+    """A header line that keeps growing is refused once the head passes 256 KB (memory bound)."""
+    async with running() as (server, rejects):
+        reader, writer = await connect(server)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        await writer.drain()
+        try:
+            for _ in range(8):  # 512 KB of one header value, no line end
+                writer.write(b"b" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionResetError:
+            pass  # cut while still sending
+        status, _, body = await read_response(reader)
+        assert status == 400 and orjson.loads(body)["error"] == "request head too large"
+        assert rejects == ["malformed"]
+        writer.close()
