@@ -45,6 +45,10 @@ def request_id_from(given: str | None) -> str:
     """The client's X-Request-ID when it is sane (printable ASCII, ≤128 chars), else a new one."""
     if given is not None and _REQUEST_ID_OK.match(given):
         return given
+    return new_request_id()
+
+
+def new_request_id() -> str:
     # 128 random bits as hex, like uuid4().hex. Not from the OS (a syscall per request): an id
     # needs to be unique, not secret; clients choose their own ids anyway.
     return f"{getrandbits(128):032x}"

@@ -21,13 +21,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from email.utils import formatdate
-from random import getrandbits
 from typing import Any, cast
 from urllib.parse import unquote
 
 import httptools
 import orjson
 import structlog
+
+from shadowproxy.headers import new_request_id
+from shadowproxy.tasks import TaskGroup
 
 log = structlog.get_logger("shadowproxy.httpserver")
 
@@ -74,7 +76,8 @@ def assert_c_parser() -> None:
 
 
 def error_body(message: str, request_id: str | None = None) -> bytes:
-    return orjson.dumps({"error": message, "request_id": request_id or f"{getrandbits(128):032x}"})
+    """The JSON body of every error answer: what went wrong and the request's id."""
+    return orjson.dumps({"error": message, "request_id": request_id or new_request_id()})
 
 
 class _DateHeader:
@@ -159,17 +162,9 @@ class Request:
 
     # What was asked ---------------------------------------------------------
     @property
-    def raw_path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
     def path(self) -> str:
         raw = self.target.partition("?")[0]
         return unquote(raw) if "%" in raw else raw
-
-    @property
-    def query_string(self) -> str:
-        return self.target.partition("?")[2]
 
     def header(self, lower_name: str) -> str | None:
         for name, value in self.headers:
@@ -672,7 +667,7 @@ class HttpServer:
         max_connections: int,
         max_body_bytes: Callable[[], int],
         on_reject: Callable[[str], None] = lambda reason: None,
-        on_task_error: Callable[[BaseException], None] = lambda exc: None,
+        on_task_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.handler = handler
         self.header_timeout_s = header_timeout_s
@@ -680,13 +675,12 @@ class HttpServer:
         self.max_connections = max_connections
         self.max_body_bytes = max_body_bytes
         self.on_reject = on_reject
-        self._on_task_error = on_task_error
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connection_tasks = TaskGroup(on_error=on_task_error)  # one per connection
+        self._sweeper = TaskGroup(on_error=on_task_error)
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -701,22 +695,11 @@ class HttpServer:
             reuse_port=reuse_port or None,
             backlog=1024,
         )
-        self._sweeper = self.loop.create_task(self._sweep(), name="httpserver-deadlines")
-        self._sweeper.add_done_callback(self._task_done)  # a failure is logged and counted
+        self._sweeper.spawn(self._sweep(), name="http-deadlines")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            assert exc is not None
-            log.error("connection_task_failed", error=repr(exc))
-            self._on_task_error(exc)
+        """The task that serves one connection's requests in turn."""
+        return self._connection_tasks.spawn(coro, name="connection")
 
     async def _sweep(self) -> None:
         """Close connections whose head, idle or linger deadline has passed."""
@@ -735,17 +718,10 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.idle:
                 conn.close()
-        deadline = self.loop.time() + grace_s
-        while self._tasks and self.loop.time() < deadline:
-            await asyncio.wait(set(self._tasks), timeout=deadline - self.loop.time())
+        await self._connection_tasks.wait(deadline_s=grace_s)
         for conn in list(self.connections):
             conn.abort()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self._connection_tasks.cancel_all()
+        await self._sweeper.cancel_all()
         if self._server is not None:
             await self._server.wait_closed()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import orjson
 import structlog
 
 from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_id_from
 from shadowproxy.httpclient import Connection, UpstreamError
-from shadowproxy.httpserver import BodyTooLarge, Request
+from shadowproxy.httpserver import BodyTooLarge, Request, error_body
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher, PairJoin
 from shadowproxy.observation import Observation, RequestSnapshot, failed
@@ -53,7 +52,7 @@ def error_response(request: Request, status: int, message: str, request_id: str)
         status,
         None,
         [("Content-Type", _JSON), (REQUEST_ID, request_id)],
-        orjson.dumps({"error": message, "request_id": request_id}),
+        error_body(message, request_id),
         close=status in (400, 408, 413),
     )
 

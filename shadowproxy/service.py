@@ -145,7 +145,7 @@ class Service:
             max_connections=settings.server.max_connections,
             max_body_bytes=lambda: self.runtime.settings.server.max_body_bytes,
             on_reject=lambda reason: self.metrics.connections_rejected_total.labels(reason).inc(),
-            on_task_error=lambda exc: self._background_error("connection", exc),
+            on_task_error=self._background_error,
         )
         await self.proxy_server.start(
             settings.server.host, settings.server.port, reuse_port=self.reuse_port
