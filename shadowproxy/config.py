@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -111,6 +112,7 @@ def _server(node: Node) -> ServerSettings:
             "header_timeout_s": _seconds,
             "body_timeout_s": _seconds,
             "keepalive_timeout_s": _seconds,
+            "send_timeout_s": _seconds,
             "max_connections": _positive,
             "shutdown_grace_s": lambda n: n.as_float(0),
             "access_log": Node.as_bool,
@@ -195,6 +197,12 @@ def _upstream_url(n: Node) -> str:
     return url.rstrip("/")
 
 
+def split_base_path(url: str) -> tuple[str, str]:
+    """``http://h:1/v1/base`` → (``http://h:1``, ``/v1/base``): the path prefixes every request."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/")
+
+
 def _upstreams(node: Node) -> dict[str, UpstreamSettings]:
     out: dict[str, UpstreamSettings] = {}
     entries = node.items()
@@ -203,17 +211,21 @@ def _upstreams(node: Node) -> dict[str, UpstreamSettings]:
     for name, child in entries.items():
         if child.is_null() or "url" not in child.items():
             raise child.error("missing required key 'url'")
-        out[name] = _build(
+        upstream = _build(
             UpstreamSettings,
             child,
             {
                 "url": _upstream_url,
                 "timeout_ms": _positive,
+                "idle_timeout_ms": _positive,
                 "connect_timeout_ms": _positive,
+                "keepalive_idle_ms": _non_negative,
                 "max_connections": _positive,
             },
             name=name,
         )
+        origin, base_path = split_base_path(upstream.url)
+        out[name] = dataclasses.replace(upstream, url=origin, base_path=base_path)
     return out
 
 
@@ -254,7 +266,12 @@ def _mirror(node: Node) -> MirrorSettings:
     return _build(
         MirrorSettings,
         node,
-        {"max_in_flight": _positive, "max_body_bytes": _non_negative, "header": Node.as_str},
+        {
+            "max_in_flight": _positive,
+            "max_body_bytes": _non_negative,
+            "max_capture_bytes": _positive,
+            "header": Node.as_str,
+        },
     )
 
 

@@ -115,19 +115,35 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.upstream_retries_total = Counter(
+            "shadowproxy_upstream_retries_total",
+            "Requests sent once more on a fresh connection after a reused one died unanswered.",
+            ["upstream", "role"],
+            registry=r,
+        )
         self.connections_rejected_total = Counter(
             "shadowproxy_connections_rejected_total",
-            "Client connections closed by the listener: header_timeout, max_connections, malformed, internal_error.",
+            "Client connections closed by the listener: header_timeout, send_timeout, max_connections, malformed, internal_error.",
             ["reason"],
             registry=r,
         )
-        self._agreements: dict[tuple[str, str], deque[bool]] = {}
+        self._agreements: dict[tuple[str, str], deque[bool]] = {}  # the last `window` each
         self._latencies: dict[tuple[str, str, str], deque[float]] = {}
         self._config_sha = ""
         self._request_children: dict[tuple[str, str, str, str], Counter] = {}
         self._latency_children: dict[tuple[str, str, str], Histogram] = {}
         self._comparison_children: dict[tuple[str, str, str], Counter] = {}
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
+
+    def set_window(self, window: int) -> None:
+        """A reload's ``metrics.window``: each rolling window keeps its newest entries."""
+        if window == self.window:
+            return
+        self.window = window
+        for key, agreements in self._agreements.items():
+            self._agreements[key] = deque(agreements, maxlen=window)
+        for lkey, latencies in self._latencies.items():
+            self._latencies[lkey] = deque(latencies, maxlen=window)
 
     def set_config(self, sha256: str) -> None:
         if self._config_sha:

@@ -39,6 +39,10 @@ class PairJoin:
         self._primary: Observation | None = None
         self._waiting: list[Observation] = []
 
+    @property
+    def capture_limit(self) -> int:
+        return self._route.mirror.max_capture_bytes
+
     def _emit(self, primary: Observation, shadow: Observation) -> None:
         self._sink.submit(
             Exchange(self._request, primary, shadow, self._route.compare, self._config_sha)
@@ -66,7 +70,6 @@ class MirrorDispatcher:
         tasks: TaskGroup,
         overload: LoopLagMonitor,
         *,
-        capture_limit: Callable[[], int],
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._runtime = runtime
@@ -74,9 +77,9 @@ class MirrorDispatcher:
         self._sink = sink
         self._tasks = tasks
         self._overload = overload
-        self._capture_limit = capture_limit
         self._rng = rng
-        self.in_flight: dict[tuple[str, str], int] = {}
+        self.in_flight: dict[tuple[str, str], int] = {}  # by (route, shadow)
+        self._upstream_in_flight: dict[str, int] = {}  # by shadow upstream, all routes
         self._drops: dict[tuple[str, str, str], int] = {}
         self.breakers: dict[str, CircuitBreaker] = {}  # by shadow upstream
 
@@ -113,9 +116,13 @@ class MirrorDispatcher:
         for shadow in route.shadows:
             key = (route.name, shadow)
             count = self.in_flight.get(key, 0)
-            # Never more in flight than the shadow's pool has connections: a mirror that would
-            # only wait for one is dropped and counted now, not timed out later.
-            if count >= min(route.mirror.max_in_flight, generation.shadows[shadow].limit):
+            upstream_count = self._upstream_in_flight.get(shadow, 0)
+            # Never more in flight than the shadow's pool has connections (all routes together):
+            # a mirror that would only wait for one is dropped and counted now, not timed out later.
+            if (
+                count >= route.mirror.max_in_flight
+                or upstream_count >= generation.shadows[shadow].limit
+            ):
                 self._drop(route.name, shadow, "saturated")
                 continue
             # Asked last: a True may be the breaker's one probe, which must then be sent.
@@ -136,6 +143,7 @@ class MirrorDispatcher:
                 mirror_headers = [(k, v) for k, v in headers if k.lower() != marker]
                 mirror_headers.append((route.mirror.header, "1"))
             self.in_flight[key] = count + 1
+            self._upstream_in_flight[shadow] = upstream_count + 1
             self._metrics.mirrors_in_flight(route.name, shadow).inc()
             generation.in_use += 1  # released when the mirror finishes
             self._tasks.spawn(
@@ -162,10 +170,11 @@ class MirrorDispatcher:
                 raw_path,
                 headers,
                 request.body,
-                self._capture_limit(),
+                join.capture_limit,
             )
         finally:
             self.in_flight[key] -= 1
+            self._upstream_in_flight[shadow] -= 1
             self._metrics.mirrors_in_flight(route, shadow).dec()
             self._runtime.release(generation)
         breaker = self.breakers.get(shadow)

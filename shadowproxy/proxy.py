@@ -1,4 +1,5 @@
-"""The request path: route, forward to the primary, stream its answer back, hand off mirrors.
+"""The request path: check, route, forward to the primary, stream its answer back, hand off
+mirrors.
 
 Nothing here waits for a shadow. The primary's answer is captured (up to the capture
 limit) as it streams past, and completes the request's ``PairJoin`` when done.
@@ -6,20 +7,30 @@ limit) as it streams past, and completes the request's ``PairJoin`` when done.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
+from itertools import chain
 
+import aiohttp
 import structlog
+from aiohttp import web
 
-from shadowproxy.headers import REQUEST_ID, end_to_end, forwarded_for, request_id_from
-from shadowproxy.httpclient import Connection, UpstreamError
-from shadowproxy.httpserver import BodyTooLarge, Request, error_body
+from shadowproxy.headers import (
+    REQUEST_ID,
+    end_to_end,
+    forwarded_for,
+    printable_reason,
+    request_id_from,
+    request_refusal,
+)
+from shadowproxy.listener import GuardedRequestHandler, error_body
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher, PairJoin
 from shadowproxy.observation import Observation, RequestSnapshot, failed
 from shadowproxy.runtime import Generation, Runtime
 from shadowproxy.settings import RouteSettings
-from shadowproxy.upstream import UpstreamClient, decode_headers
+from shadowproxy.upstream import UpstreamClient, UpstreamError, decode_headers, read_chunk
 
 log = structlog.get_logger("shadowproxy.proxy")
 access_log = structlog.get_logger("shadowproxy.access")
@@ -31,6 +42,7 @@ _DROP_REQUEST = frozenset(
     {
         "host",
         "content-length",
+        "expect",  # answered here (100 Continue) before the body was read
         "x-request-id",
         "x-forwarded-for",
         "x-forwarded-proto",
@@ -39,28 +51,80 @@ _DROP_REQUEST = frozenset(
 )
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
 _JSON = "application/json"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def _ascii_headers(raw: list[tuple[bytes, bytes]]) -> bool:
-    return b"".join([name + value for name, value in raw]).isascii()
+class BodyTooLarge(Exception):
+    pass
 
 
-def error_response(request: Request, status: int, message: str, request_id: str) -> None:
+def _ascii_headers(raw: Iterable[tuple[bytes, bytes]]) -> bool:
+    return b"".join(chain.from_iterable(raw)).isascii()
+
+
+def error_response(status: int, message: str, request_id: str) -> web.Response:
     """A JSON error answer; after 400, 408 and 413 the connection is closed, since the rest of
     what this client sent cannot be trusted or is unread."""
-    request.respond(
-        status,
-        None,
-        [("Content-Type", _JSON), (REQUEST_ID, request_id)],
-        error_body(message, request_id),
-        close=status in (400, 408, 413),
+    response = web.Response(
+        status=status,
+        body=error_body(message, request_id),
+        content_type=_JSON,
+        headers={REQUEST_ID: request_id},
     )
+    if status in (400, 408, 413, 501, 505):
+        response.force_close()
+    return response
 
 
-def _upstream_failure(request: Request, upstream: str, kind: str, request_id: str) -> None:
+def _upstream_failure(upstream: str, kind: str, request_id: str) -> web.Response:
     """The client's answer when the primary failed before any byte was forwarded."""
     code = 504 if kind == "timeout" else 502
-    error_response(request, code, f"primary upstream {upstream}: {kind}", request_id)
+    return error_response(code, f"primary upstream {upstream}: {kind}", request_id)
+
+
+async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
+    """The whole request body, at most ``limit`` bytes; each chunk must arrive within the idle
+    timeout. ``Expect: 100-continue`` is answered here, once the request is worth its body."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge
+    if not request.body_exists:
+        return b""
+    if request.version == aiohttp.HttpVersion11 and "Expect" in request.headers:
+        await request.writer.write(_CONTINUE)
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        async with asyncio.timeout(idle_timeout_s):
+            chunk = await content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _forwarded_headers(
+    request: web.BaseRequest, request_id: str, host: str
+) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus ours. Names with '_' are dropped (as nginx does):
+    ``Content_Length`` must not become a second Content-Length behind a CGI-style server."""
+    headers = [
+        (str(name), value)  # multidict's istr → str (records are JSON)
+        for name, value in end_to_end(request.headers.items(), _DROP_REQUEST)
+        if "_" not in name
+    ]
+    headers.append((REQUEST_ID, request_id))
+    headers.append(
+        ("X-Forwarded-For", forwarded_for(request.headers.get("X-Forwarded-For"), request.remote))
+    )
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    if host:
+        headers.append(("X-Forwarded-Host", host))
+    return headers
 
 
 class ProxyHandler:
@@ -69,86 +133,79 @@ class ProxyHandler:
         runtime: Runtime,
         dispatcher: MirrorDispatcher,
         metrics: Metrics,
-        *,
-        capture_limit: Callable[[], int],
     ) -> None:
         self._runtime = runtime
         self._dispatcher = dispatcher
         self._metrics = metrics
-        self._capture_limit = capture_limit
 
-    async def __call__(self, request: Request) -> None:
-        if not self._runtime.settings.server.access_log:
-            await self._handle(request)
-            return
-        started = time.perf_counter()
-        request_id = await self._handle(request)
-        access_log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=request.status,
-            ms=round((time.perf_counter() - started) * 1000, 3),
-            request_id=request_id,
-            remote=request.remote,
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        guard = protocol if isinstance(protocol, GuardedRequestHandler) else None
+        if guard is not None:
+            guard.request_started()
+        try:
+            if not self._runtime.settings.server.access_log:
+                return await self._handle(request)
+            started = time.perf_counter()
+            response = await self._handle(request)
+            access_log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+                request_id=response.headers.get(REQUEST_ID),
+                remote=request.remote,
+            )
+            return response
+        finally:
+            if guard is not None:
+                guard.request_finished(request.content.is_eof())
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        request_id = request_id_from(request.headers.get(REQUEST_ID))
+        refusal = request_refusal(
+            request.method,
+            request.version,
+            request.raw_path,
+            request.path,
+            request.headers,
+            request.raw_headers,
         )
-
-    async def _handle(self, request: Request) -> str:
-        """Answer one request; returns its request id."""
-        request_id = request_id_from(request.header("x-request-id"))
-        if not request.target.startswith("/"):
-            # Absolute-form or authority-form targets: the upstream is chosen by config only.
-            error_response(request, 400, "request target must be an absolute path", request_id)
-            return request_id
+        if refusal is not None:
+            status, message = refusal
+            return error_response(status, message, request_id)
         generation = self._runtime.acquire()
         try:
             path = request.path
-            route = generation.table.match(request.method, path, request.host or "")
+            route = generation.table.match(request.method, path, request.host)
             if route is None:
-                message = f"no route matches {request.method} {path}"
-                error_response(request, 404, message, request_id)
-            else:
-                await self._forward(request, generation, route, request_id)
+                return error_response(404, f"no route matches {request.method} {path}", request_id)
+            return await self._forward(request, generation, route, request_id)
         finally:
             self._runtime.release(generation)
-        return request_id
 
     async def _forward(
         self,
-        request: Request,
+        request: web.BaseRequest,
         generation: Generation,
         route: RouteSettings,
         request_id: str,
-    ) -> None:
+    ) -> web.StreamResponse:
         settings = generation.settings.server
         received = time.time()
         try:
-            body = await request.read_body(settings.max_body_bytes, settings.body_timeout_s)
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         except BodyTooLarge:
             message = f"request body over {settings.max_body_bytes} bytes"
-            error_response(request, 413, message, request_id)
-            return
+            return error_response(413, message, request_id)
         except TimeoutError:
-            error_response(request, 408, "request body not received in time", request_id)
-            return
-        except ConnectionResetError:
-            return  # the client left (or its body broke off) before the request was whole
+            return error_response(408, "request body not received in time", request_id)
 
-        headers = end_to_end(request.headers, _DROP_REQUEST)
-        headers.append((REQUEST_ID, request_id))
-        headers.append(
-            (
-                "X-Forwarded-For",
-                forwarded_for(request.header("x-forwarded-for"), request.remote),
-            )
-        )
-        headers.append(("X-Forwarded-Proto", request.scheme))
-        if request.host:
-            headers.append(("X-Forwarded-Host", request.host))
-
+        headers = _forwarded_headers(request, request_id, request.headers.get("Host", ""))
         join: PairJoin | None = None
         if route.shadows:
-            raw_path, _, query = request.target.partition("?")
+            raw_path, _, query = request.raw_path.partition("?")
             snapshot = RequestSnapshot(
                 request_id=request_id,
                 ts=received,
@@ -168,82 +225,144 @@ class ProxyHandler:
                 route.name, route.primary, "primary", "pool_exhausted", None
             )
             message = f"primary upstream {route.primary}: connection pool exhausted"
-            error_response(request, 503, message, request_id)
-            return
+            return error_response(503, message, request_id)
         try:
-            await self._primary(request, client, route, headers, body, request_id, join)
+            capture = route.mirror.max_capture_bytes if join else 0
+            call = _PrimaryCall(request, client, request_id, capture)
+            try:
+                return await call.run(headers, body)
+            finally:
+                self._metrics.observe_upstream(
+                    route.name, route.primary, "primary", call.code_label(), call.latency_s
+                )
+                if join is not None:
+                    join.primary_done(call.observation(route.primary))
         finally:
             client.release()
 
-    async def _primary(
-        self,
-        request: Request,
-        client: UpstreamClient,
-        route: RouteSettings,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        request_id: str,
-        join: PairJoin | None,
+
+class _PrimaryCall:
+    """One call to the primary and the answer relayed to the client, observed on the way."""
+
+    __slots__ = (
+        "capture",
+        "client",
+        "error",
+        "latency_s",
+        "request",
+        "request_id",
+        "response_headers",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self, request: web.BaseRequest, client: UpstreamClient, request_id: str, capture: int
     ) -> None:
-        started = time.perf_counter()
-        capture = _Capture(self._capture_limit() if join is not None else 0)
-        status: int | None = None
-        response_headers: tuple[tuple[str, str], ...] = ()
-        error: str | None = None
-        name = client.settings.name
-        timeout = client.timeout_s
+        self.request = request
+        self.client = client
+        self.request_id = request_id
+        self.capture = _Capture(capture)
+        self.started = time.perf_counter()
+        self.latency_s = 0.0
+        self.status: int | None = None
+        self.response_headers: tuple[tuple[str, str], ...] = ()
+        self.error: str | None = None
+
+    def code_label(self) -> str:
+        if self.status is not None and self.error is None:
+            return str(self.status)
+        return self.error or "error"
+
+    def observation(self, upstream: str) -> Observation:
+        return Observation(
+            upstream=upstream,
+            status=self.status,
+            headers=self.response_headers,
+            body=self.capture.body(),
+            body_truncated=self.capture.truncated,
+            latency_ms=self.latency_s * 1000,
+            error=self.error,
+        )
+
+    def _failed(self, kind: str) -> web.Response:
+        self.error = kind
+        return _upstream_failure(self.client.settings.name, kind, self.request_id)
+
+    async def run(self, headers: list[tuple[str, str]], body: bytes) -> web.StreamResponse:
+        request = self.request
         try:
             try:
-                upstream = await client.pool.send(
-                    request.method, request.target, headers, body, idle_s=timeout
-                )
+                upstream = await self.client.send(request.method, request.raw_path, headers, body)
             except UpstreamError as exc:
-                error = exc.kind
-                _upstream_failure(request, name, error, request_id)
-                return
+                return self._failed(exc.kind)
             try:
-                if not _ascii_headers(upstream.headers):
-                    error = "protocol"
-                    upstream.close()  # never reuse a connection that spoke oddly
-                    message = f"primary upstream {name}: non-ASCII bytes in response headers"
-                    error_response(request, 502, message, request_id)
-                    return
-                status = upstream.status
-                response_headers = decode_headers(upstream.headers)
-                out_headers = end_to_end(response_headers, _DROP_RESPONSE)
-                out_headers.append((REQUEST_ID, request_id))
-                length = upstream.content_length
-                if request.method != "HEAD" and length is not None and length <= _WHOLE_BODY_LIMIT:
-                    try:
-                        data = await upstream.read(timeout)
-                    except UpstreamError as exc:
-                        error = exc.kind
-                        _upstream_failure(request, name, error, request_id)
-                        return
-                    capture.add(data)
-                    request.respond(status, upstream.reason, out_headers, data)
-                    return
-                error = await _stream(request, upstream, timeout, out_headers, capture)
+                return await self._relay(upstream)
             finally:
                 upstream.release()
         finally:
-            latency_s = time.perf_counter() - started
-            code_label = str(status) if status is not None and error is None else (error or "error")
-            self._metrics.observe_upstream(
-                route.name, route.primary, "primary", code_label, latency_s
-            )
-            if join is not None:
-                join.primary_done(
-                    Observation(
-                        upstream=route.primary,
-                        status=status,
-                        headers=response_headers,
-                        body=capture.body(),
-                        body_truncated=capture.truncated,
-                        latency_ms=latency_s * 1000,
-                        error=error,
-                    )
-                )
+            self.latency_s = time.perf_counter() - self.started
+
+    async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        if not _ascii_headers(upstream.raw_headers):
+            upstream.close()  # never reuse a connection that spoke oddly
+            self.error = "protocol"
+            name = self.client.settings.name
+            message = f"primary upstream {name}: non-ASCII bytes in response headers"
+            return error_response(502, message, self.request_id)
+        self.status = upstream.status
+        self.response_headers = decode_headers(upstream.raw_headers)
+        out_headers = end_to_end(self.response_headers, _DROP_RESPONSE)
+        out_headers.append((REQUEST_ID, self.request_id))
+        reason = printable_reason(upstream.reason)
+        length = upstream.content_length
+        if self.request.method != "HEAD" and length is not None and length <= _WHOLE_BODY_LIMIT:
+            try:
+                data = await _read_whole(upstream, self.client.idle_s)
+            except UpstreamError as exc:
+                self.status = None
+                return self._failed(exc.kind)
+            self.capture.add(data)
+            return web.Response(status=self.status, reason=reason, headers=out_headers, body=data)
+        return await self._stream(upstream, reason, out_headers)
+
+    async def _stream(
+        self, upstream: aiohttp.ClientResponse, reason: str | None, headers: list[tuple[str, str]]
+    ) -> web.StreamResponse:
+        """Send the upstream's answer chunk by chunk as it arrives."""
+        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        request = self.request
+        try:
+            await response.prepare(request)
+            while chunk := await read_chunk(upstream, self.client.idle_s):
+                self.capture.add(chunk)
+                await response.write(chunk)
+        except UpstreamError as exc:
+            # The head is already sent: abort the client connection so a cut answer never looks
+            # complete.
+            self.error = exc.kind
+            _abort(request)
+            upstream.close()
+        except ConnectionError:
+            self.capture.truncated = True  # the client went away; the pair is still recorded
+            _abort(request)
+            upstream.close()
+        return response
+
+
+async def _read_whole(upstream: aiohttp.ClientResponse, idle_s: float) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := await read_chunk(upstream, idle_s):
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 class _Capture:
@@ -265,29 +384,3 @@ class _Capture:
 
     def body(self) -> bytes:
         return b"".join(self._chunks)
-
-
-async def _stream(
-    request: Request,
-    upstream: Connection,
-    idle_s: float,
-    headers: list[tuple[str, str]],
-    capture: _Capture,
-) -> str | None:
-    """Send the upstream's answer chunk by chunk as it arrives; the error kind if it broke."""
-    request.start(upstream.status, upstream.reason, headers, upstream.content_length)
-    try:
-        while chunk := await upstream.read_chunk(idle_s):
-            capture.add(chunk)
-            await request.send(chunk)
-    except UpstreamError as exc:
-        # The head is already sent: abort the client connection so a cut answer never looks
-        # complete.
-        request.abort()
-        return exc.kind
-    except ConnectionResetError:
-        capture.truncated = True  # the client went away; the pair is still recorded
-        request.abort()
-        return None
-    request.finish()
-    return None

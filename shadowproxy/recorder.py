@@ -112,8 +112,15 @@ class Recorder:
         self._writer = self._tasks.spawn(self._write_loop(), "recorder-writer")
         self._spooler = self._tasks.spawn(self._spool_loop(), "recorder-spooler")
         self._tasks.spawn(self._drain_loop(), "recorder-drainer")
-        if self._settings.retention_days > 0:
-            self._tasks.spawn(self._retention_loop(), "recorder-retention")
+        self._tasks.spawn(self._retention_loop(), "recorder-retention")
+
+    def apply(self, settings: StorageSettings) -> None:
+        """A reload's storage settings: all but ``url`` and ``spool_dir`` (a restart) apply now."""
+        self._settings = settings
+        self._batch_size = max(1, settings.batch_size)
+        self._flush_s = settings.flush_interval_ms / 1000
+        self._overflow_max = max(1000, self._batch_size * 10)
+        self._batch_ready.set()  # a writer waiting on the old flush interval looks again
 
     def submit(self, record: Record) -> None:
         """Queue a record for storage. Never blocks, never raises."""
@@ -331,7 +338,7 @@ class Recorder:
         # The first pass waits a little: start-up belongs to the spool replay.
         await asyncio.sleep(min(self._retention_interval, RETENTION_FIRST_DELAY_S))
         while True:
-            if self.store_ok:
+            if self.store_ok and self._settings.retention_days > 0:
                 await self.enforce_retention()
             await asyncio.sleep(self._retention_interval)
 

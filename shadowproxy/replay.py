@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from multidict import CIMultiDict
 
 from shadowproxy.compare import compare_responses
-from shadowproxy.config import load_settings
+from shadowproxy.config import load_settings, split_base_path
 from shadowproxy.durations import parse_duration
 from shadowproxy.errors import ConfigError, StorageError, UsageError
 from shadowproxy.headers import HOP_BY_HOP, REQUEST_ID
@@ -115,7 +115,7 @@ async def replay_one(
         raw_path,
         headers.items(),
         body,
-        settings.storage.max_stored_body_bytes,
+        route.mirror.max_capture_bytes,
     )
     primary_body, primary_truncated = _stored_body(recorded.primary_body)
     primary = Observation(
@@ -198,8 +198,9 @@ async def run_replay(
         ),
         default=1000,
     )
+    origin, base_path = split_base_path(to.rstrip("/"))
     client = UpstreamClient(
-        UpstreamSettings(name=name, url=to.rstrip("/"), timeout_ms=timeout_ms),
+        UpstreamSettings(name=name, url=origin, base_path=base_path, timeout_ms=timeout_ms),
         "shadow",
         limit=concurrency,
     )

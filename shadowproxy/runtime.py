@@ -7,6 +7,7 @@ finishes on the old routes and pools; pools nobody uses any more close once drai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +35,22 @@ class Generation:
 
 
 def _shadow_limit(settings: Settings, name: str) -> int:
-    # A shadow's pool never needs more connections than the mirrors allowed in flight to it.
+    # A shadow's pool never needs more connections than the mirrors all its routes may have
+    # in flight to it; never more than its max_connections, whichever routes share it.
     limits = [r.mirror.max_in_flight for r in settings.routes if name in r.shadows]
-    return min(settings.upstreams[name].max_connections, max(limits, default=1))
+    return min(settings.upstreams[name].max_connections, max(sum(limits), 1))
 
 
 class Runtime:
-    def __init__(self, settings: Settings, tasks: TaskGroup) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tasks: TaskGroup,
+        *,
+        on_retry: Callable[[str, str], None] = lambda upstream, role: None,
+    ) -> None:
         self._tasks = tasks
+        self._on_retry = on_retry
         self._retired: list[Generation] = []
         self.current = self._build(settings, {})
 
@@ -55,7 +64,12 @@ class Runtime:
         def client(role: str, upstream: UpstreamSettings, limit: int) -> UpstreamClient:
             key = (role, upstream, limit)
             if key not in clients:
-                clients[key] = reuse.get(key) or UpstreamClient(upstream, role, limit=limit)
+                clients[key] = reuse.get(key) or UpstreamClient(
+                    upstream,
+                    role,
+                    limit=limit,
+                    on_retry=lambda: self._on_retry(upstream.name, role),
+                )
             return clients[key]
 
         used_as_primary = {r.primary for r in settings.routes}
@@ -114,6 +128,29 @@ class Runtime:
             clients.update({id(c): c for c in generation.clients.values()})
         for client in clients.values():
             await client.close()
+
+
+# What a running process cannot take from a reload: bound sockets, the open store, the spool
+# directory, the admin token read at start. Everything else in routes.yaml applies at once.
+_RESTART_KEYS = (
+    ("server", "host"),
+    ("server", "port"),
+    ("admin", "host"),
+    ("admin", "port"),
+    ("admin", "token_env"),
+    ("admin", "watch_config"),
+    ("storage", "url"),
+    ("storage", "spool_dir"),
+)
+
+
+def restart_required(old: Settings, new: Settings) -> list[str]:
+    """The changed keys (``server.port``) that take effect only after a restart."""
+    return [
+        f"{section}.{key}"
+        for section, key in _RESTART_KEYS
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
 
 
 def describe_changes(old: Settings, new: Settings) -> dict[str, Any]:

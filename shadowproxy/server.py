@@ -25,7 +25,7 @@ import structlog
 
 from shadowproxy.config import load_settings
 from shadowproxy.errors import ConfigError
-from shadowproxy.httpserver import assert_c_parser
+from shadowproxy.listener import assert_c_parser
 from shadowproxy.service import Overrides, Service
 from shadowproxy.settings import Settings
 

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from shadowproxy.config import load_settings
 from shadowproxy.errors import ConfigError
-from shadowproxy.httpserver import HttpServer, assert_c_parser
+from shadowproxy.listener import ProxyServer, assert_c_parser
 from shadowproxy.metrics import Metrics
 from shadowproxy.mirror import MirrorDispatcher
 from shadowproxy.overload import LoopLagMonitor
@@ -30,7 +30,7 @@ from shadowproxy.pipeline import ComparisonPipeline
 from shadowproxy.promotion import swap_primary
 from shadowproxy.proxy import ProxyHandler
 from shadowproxy.recorder import Recorder
-from shadowproxy.runtime import Runtime
+from shadowproxy.runtime import Runtime, restart_required
 from shadowproxy.settings import Settings
 from shadowproxy.storage import default_instance, open_store
 from shadowproxy.storage.base import PromotionRecord
@@ -95,7 +95,13 @@ class Service:
         self.mirror_tasks = TaskGroup(on_error=self._background_error)
         self.promotion_tasks = TaskGroup(on_error=self._background_error)
         self.overload = LoopLagMonitor()
-        self.runtime = Runtime(settings, self.tasks)
+        self.runtime = Runtime(
+            settings,
+            self.tasks,
+            on_retry=lambda upstream, role: self.metrics.upstream_retries_total.labels(
+                upstream, role
+            ).inc(),
+        )
         self.loaded_at = time.time()
         self.store = open_store(settings.storage.url, instance=self.instance)
         self.recorder = Recorder(self.store, settings.storage, self.metrics, instance=self.instance)
@@ -108,17 +114,15 @@ class Service:
             self.pipeline,
             self.mirror_tasks,
             self.overload,
-            capture_limit=lambda: self.runtime.settings.storage.max_stored_body_bytes,
         )
         self.handler = ProxyHandler(
             self.runtime,
             self.dispatcher,
             self.metrics,
-            capture_limit=lambda: self.runtime.settings.storage.max_stored_body_bytes,
         )
         self.watcher: ConfigWatcher | None = None
         self._reload_lock = asyncio.Lock()
-        self.proxy_server: HttpServer | None = None
+        self.proxy_server: ProxyServer | None = None
         self.admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -138,14 +142,14 @@ class Service:
         self.tasks.spawn(self.overload.run(), name="loop-lag-monitor")
         self.tasks.spawn(self._refresh_rolling_metrics(), name="rolling-metrics")
         assert_c_parser()
-        self.proxy_server = HttpServer(
+        self.proxy_server = ProxyServer(
             self.handler,
             header_timeout_s=settings.server.header_timeout_s,
+            send_timeout_s=settings.server.send_timeout_s,
             keepalive_timeout_s=settings.server.keepalive_timeout_s,
             max_connections=settings.server.max_connections,
-            max_body_bytes=lambda: self.runtime.settings.server.max_body_bytes,
+            shutdown_grace_s=settings.server.shutdown_grace_s,
             on_reject=lambda reason: self.metrics.connections_rejected_total.labels(reason).inc(),
-            on_task_error=self._background_error,
         )
         await self.proxy_server.start(
             settings.server.host, settings.server.port, reuse_port=self.reuse_port
@@ -188,7 +192,7 @@ class Service:
             await self.watcher.stop()
         grace = self.settings.server.shutdown_grace_s
         if self.proxy_server is not None:
-            await self.proxy_server.close(grace)  # stops listening, lets in-flight requests end
+            await self.proxy_server.close()  # stops listening, lets in-flight requests end
         leftover = await self.mirror_tasks.wait(
             deadline_s=max(1.0, grace - (time.monotonic() - started))
         )
@@ -283,11 +287,15 @@ class Service:
             log.error("config_reload_failed", source=source, error=str(exc))
             raise
         old = self.settings
-        if new.storage.url != old.storage.url:
-            log.warning(
-                "storage_url_change_needs_restart", old=old.storage.url, new=new.storage.url
-            )
+        restart = restart_required(old, new)
+        if restart:
+            log.warning("config_change_needs_restart", keys=restart)
         changes = self.runtime.swap(new)
+        changes["restart_required"] = restart
+        self.recorder.apply(new.storage)
+        self.metrics.set_window(new.metrics.window)
+        if self.proxy_server is not None:
+            self.proxy_server.apply(new.server)
         self.dispatcher.breakers.clear()  # upstreams may have moved: dial them afresh
         if source != "promote":
             self._record_file_promotions(old, new)

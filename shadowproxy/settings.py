@@ -19,6 +19,8 @@ class ServerSettings:
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 10_000
+    # A client that stops reading an answer is cut after this long without progress.
+    send_timeout_s: float = 60.0
     # In-flight client requests are given this long to finish on SIGTERM.
     shutdown_grace_s: float = 30.0
     access_log: bool = False
@@ -59,9 +61,14 @@ class MetricsSettings:
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     name: str
-    url: str
-    timeout_ms: int = 1000
-    connect_timeout_ms: int = 1000
+    url: str  # origin only: scheme://host[:port]
+    base_path: str = ""  # the URL's path, put before every request path ("/v1/base")
+    timeout_ms: int = 60_000  # until the response head
+    idle_timeout_ms: int = 60_000  # between two body reads: a stream that keeps sending lives
+    connect_timeout_ms: int = 2_000
+    # Pooled connections idle longer than this are dropped, before a typical model server
+    # (uvicorn: 5 s) closes them under a request.
+    keepalive_idle_ms: int = 4_000
     max_connections: int = 100
 
 
@@ -78,6 +85,9 @@ class MirrorSettings:
     max_in_flight: int = 200
     max_body_bytes: int = 1024 * 1024
     header: str = "X-Shadow-Request"
+    # Each side's answer is compared up to this many bytes; storage keeps at most
+    # storage.max_stored_body_bytes of it. Longer answers are `truncated` pairs.
+    max_capture_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,35 +1,155 @@
-"""Upstreams as the proxy sees them: one bounded pool per (upstream, role), and one-shot
-observations of an upstream's answer.
+"""Upstreams as the proxy sees them: one aiohttp ``ClientSession`` per (upstream, role), and
+one-shot observations of an upstream's answer.
+
+aiohttp does the HTTP (framing, head limits, trailers, which connection may be reused).
+What a model server's proxy needs on top of it, each small and named here:
+
+- ``timeout_ms`` bounds the wait for the response head and ``idle_timeout_ms`` each gap
+  between body reads (aiohttp's ``sock_read`` is one number for both), so an LLM stream
+  lives as long as it keeps sending;
+- a request whose *reused* connection died before any response byte is sent once more on a
+  fresh connection (aiohttp resends only idempotent methods): the upstream closed an idle
+  connection just as we wrote on it, so it never saw the request;
+- a pool slot per request, bounded, so requests beyond the pool get a 503, not a queue.
 
 Each (upstream, role) gets its own pool so a saturated shadow can never take connections
-the primary needs.
+the primary needs; every route that uses the upstream in that role shares the pool and its
+``max_connections``. aiohttp errors become the kinds PRODUCT.md names at this boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
-from shadowproxy.httpclient import ConnectionPool, UpstreamError
+import aiohttp
+from yarl import URL
+
 from shadowproxy.observation import Observation, failed
 from shadowproxy.settings import UpstreamSettings
 
+# aiohttp would otherwise add headers the client never sent (and ask for gzip on its behalf).
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# RFC 9110 §9.2.2; aiohttp itself resends these once when a connection dies before the answer.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class UpstreamError(Exception):
+    """An upstream call failed; ``kind`` is one of connect, timeout, reset, protocol."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def error_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | OSError):
+        return "reset"
+    return "protocol"
+
+
+def _count_connection(
+    _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
+) -> None:
+    attempt: _Attempt | None = context.trace_request_ctx
+    if attempt is not None:
+        attempt.connections += 1
+
+
+async def _on_reused(session: aiohttp.ClientSession, context: SimpleNamespace, p: object) -> None:
+    _count_connection(session, context, p)
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.reused = True
+
+
+async def _on_created(session: aiohttp.ClientSession, context: SimpleNamespace, p: object) -> None:
+    _count_connection(session, context, p)
+
+
+_TRACE = aiohttp.TraceConfig()
+_TRACE.on_connection_reuseconn.append(_on_reused)
+_TRACE.on_connection_create_end.append(_on_created)
+_TRACE.freeze()
+
+
+def _payload(body: bytes) -> bytes | aiohttp.BytesPayload | None:
+    """What to hand aiohttp as the body. Over 1 MiB aiohttp warns that bytes "might lock the
+    event loop": the transport takes them in one write and drains, which is what we want
+    (a BytesIO would be read through a thread pool instead)."""
+    if len(body) <= 1024 * 1024:
+        return body or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(body, content_type="")
+
+
+def _unanswered(exc: aiohttp.ClientError) -> bool:
+    """True when the upstream dropped the connection before any byte of an answer: a
+    ``ServerDisconnectedError`` carries the partial message when bytes had arrived."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)
+    return True  # a reset or broken pipe while the request was written
+
+
+class _Attempt:
+    """What aiohttp did for one request: how many connections it took, the last one reused."""
+
+    __slots__ = ("connections", "reused")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.reused = False
+
+
+def _session(settings: UpstreamSettings, limit: int, *, fresh: bool) -> aiohttp.ClientSession:
+    if fresh:
+        connector = aiohttp.TCPConnector(limit=limit, force_close=True)
+    else:
+        connector = aiohttp.TCPConnector(
+            limit=limit,
+            limit_per_host=0,
+            keepalive_timeout=settings.keepalive_idle_ms / 1000,
+            ttl_dns_cache=60,
+        )
+    connect_s = settings.connect_timeout_ms / 1000
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Deadlines are ours (head, then each body gap); aiohttp's bound only the connect.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_s, connect=connect_s),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[_TRACE],
+    )
+
 
 class UpstreamClient:
-    """One upstream's keep-alive pool for one role (``primary`` or ``shadow``).
+    """One upstream's keep-alive pool for one role (``primary`` or ``shadow``)."""
 
-    A primary's answer may stream for as long as it keeps sending: only silence longer than
-    ``timeout_ms`` ends it. A shadow's whole call is bounded by ``timeout_ms``. Both are
-    ``timeout_s``.
-    """
-
-    def __init__(self, settings: UpstreamSettings, role: str, *, limit: int) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        role: str,
+        *,
+        limit: int,
+        on_retry: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings = settings
         self.role = role
         self.limit = limit
         self.timeout_s = settings.timeout_ms / 1000
-        self.pool = ConnectionPool(settings.url, connect_timeout=settings.connect_timeout_ms / 1000)
+        self.idle_s = settings.idle_timeout_ms / 1000
+        self.on_retry = on_retry
+        self._base = settings.url + settings.base_path
+        self.session = _session(settings, limit, fresh=False)
+        self._fresh: aiohttp.ClientSession | None = None  # made on the first resend
         # Requests beyond the pool wait here, at most `limit` of them and at most the
         # connect timeout; past that the proxy answers 503 instead of queueing without end.
         self._slots = asyncio.Semaphore(limit)
@@ -37,7 +157,7 @@ class UpstreamClient:
 
     @property
     def closed(self) -> bool:
-        return self.pool.closed
+        return self.session.closed
 
     async def acquire(self) -> bool:
         """A pool slot for one request, or False when the pool stays exhausted."""
@@ -59,31 +179,99 @@ class UpstreamClient:
     def release(self) -> None:
         self._slots.release()
 
+    def url(self, target: str) -> URL:
+        """The upstream URL for a request target (path and query as the client sent them)."""
+        return URL(self._base + target, encoded=True)
+
+    async def send(
+        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Send one request; the response once its head arrived within ``timeout_ms``.
+
+        The caller reads the body (``read_chunk``) and must ``release()`` or ``close()`` it.
+        """
+        url = self.url(target)
+        header_list = list(headers)
+        attempt = _Attempt()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                try:
+                    response = await self.session.request(
+                        method,
+                        url,
+                        headers=header_list,
+                        data=_payload(body),
+                        allow_redirects=False,
+                        trace_request_ctx=attempt,
+                    )
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    # aiohttp already resent an idempotent request once; resend the others
+                    # only when a reused connection died unanswered (the upstream closed it
+                    # as we wrote: it never saw the request).
+                    if not attempt.reused or method in _IDEMPOTENT or not _unanswered(exc):
+                        raise
+                    self.on_retry()
+                    if self._fresh is None:
+                        self._fresh = _session(self.settings, self.limit, fresh=True)
+                    response = await self._fresh.request(
+                        method, url, headers=header_list, data=_payload(body), allow_redirects=False
+                    )
+                    return _checked(response)
+                if attempt.connections > 1:
+                    self.on_retry()  # aiohttp resent it (idempotent method)
+                return _checked(response)
+        except TimeoutError:
+            raise UpstreamError("timeout") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise UpstreamError(error_kind(exc), str(exc)) from exc
+
     async def close(self) -> None:
-        await self.pool.close()
+        await self.session.close()
+        if self._fresh is not None:
+            await self._fresh.close()
+
+
+def _checked(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+    """Refuse an answer whose body aiohttp cannot hand over as the upstream meant it: a
+    transfer-coding other than chunked (aiohttp strips ``chunked`` only, and passing coded
+    bytes on would mislabel them)."""
+    coding = response.headers.get("Transfer-Encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        response.close()
+        raise UpstreamError("protocol", f"unsupported transfer-coding {coding!r}")
+    return response
+
+
+async def read_chunk(response: aiohttp.ClientResponse, idle_s: float) -> bytes:
+    """The next body bytes (b"" at the end), waiting at most ``idle_s`` for them."""
+    try:
+        async with asyncio.timeout(idle_s):
+            return await response.content.readany()
+    except TimeoutError:
+        raise UpstreamError("timeout") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(error_kind(exc), str(exc)) from exc
 
 
 async def observe(
     client: UpstreamClient,
     method: str,
-    raw_path: str,
+    target: str,
     headers: Iterable[tuple[str, str]],
     body: bytes,
     capture_limit: int,
 ) -> Observation:
-    """Send one request and capture the answer (body up to ``capture_limit``), all within
-    the upstream's timeout. Never raises except on cancellation."""
+    """Send one request and capture the answer (body up to ``capture_limit``). Never raises
+    except on cancellation."""
     started = time.perf_counter()
     name = client.settings.name
     try:
-        connection = await client.pool.send(
-            method, raw_path, headers, body, idle_s=None, total_s=client.timeout_s
-        )
+        response = await client.send(method, target, headers, body)
         try:
             chunks: list[bytes] = []
             room = capture_limit
             truncated = False
-            while chunk := await connection.read_chunk(None):
+            while chunk := await read_chunk(response, client.idle_s):
                 if len(chunk) > room:
                     chunks.append(chunk[:room])
                     truncated = True
@@ -92,17 +280,20 @@ async def observe(
                 room -= len(chunk)
             return Observation(
                 upstream=name,
-                status=connection.status,
-                headers=decode_headers(connection.headers),
+                status=response.status,
+                headers=decode_headers(response.raw_headers),
                 body=chunks[0] if len(chunks) == 1 else b"".join(chunks),
                 body_truncated=truncated,
                 latency_ms=(time.perf_counter() - started) * 1000,
             )
         finally:
-            connection.release()
+            if response.content.is_eof():
+                response.release()
+            else:
+                response.close()
     except UpstreamError as exc:
         return failed(name, exc.kind, (time.perf_counter() - started) * 1000)
 
 
-def decode_headers(raw: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
+def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
     return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in raw)

@@ -46,6 +46,7 @@ METRICS: dict[str, frozenset[str]] = {
         "shadowproxy_promotions_total": "route",
         "shadowproxy_background_errors_total": "task",
         "shadowproxy_connections_rejected_total": "reason",
+        "shadowproxy_upstream_retries_total": "upstream role",
     }.items()
 }
 HISTOGRAMS = {"shadowproxy_upstream_latency_seconds"}

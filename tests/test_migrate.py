@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from shadowproxy.storage.migrate import db_command, latest_version, migrate, schema_status
+from shadowproxy.storage.sqlite import SqliteStore
 
 
 @pytest.mark.postgres
@@ -28,11 +33,95 @@ async def test_concurrent_migrations_serialise(postgres_url: str) -> None:
     assert status == {"backend": "postgresql", "version": 1, "latest": 1, "pending": []}
 
 
-async def test_sqlite_concurrent_migrations(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/m.db"
-    assert (await schema_status(url))["version"] == 0
-    assert await asyncio.gather(*(migrate(url) for _ in range(6))) == [1] * 6
-    assert (await schema_status(url))["pending"] == []
+# Replicas starting together on one new SQLite file: WORKERS processes released
+# at once by a barrier, ROUNDS times, each round on a fresh file. Even workers
+# run `shadowproxy db migrate`'s path, odd ones open a SqliteStore.
+WORKERS = 8
+ROUNDS = 30
+# Round 0 widens the race window so that it reproduces every time: the test
+# holds the write lock on the fresh file (as a replica part-way through
+# switching it to WAL does) for HOLD_S after the barrier, well under the 5 s
+# busy timeout. Before the fix every worker failed at once with "database is
+# locked"; the free-running rounds failed a few percent of the time each.
+HOLD_S = 0.3
+BARRIER_TIMEOUT_S = 30.0
+
+
+def _migrate_worker(
+    index: int, paths: list[str], barrier: Any, results: multiprocessing.Queue[Any]
+) -> None:
+    """One replica: per round, wait at the barrier, then migrate/open the fresh file."""
+    for round_, path in enumerate(paths):
+        barrier.wait(BARRIER_TIMEOUT_S)
+        try:
+            outcome: object = asyncio.run(_open_or_migrate(index, path))
+        except Exception as exc:  # reported to the test, which asserts there are none
+            outcome = repr(exc)
+        results.put((round_, index, outcome))
+
+
+async def _open_or_migrate(index: int, path: str) -> object:
+    if index % 2 == 0:
+        return await migrate(f"sqlite:///{path}")
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    return "opened"
+
+
+def test_sqlite_concurrent_migrations(tmp_path: Path) -> None:
+    paths = [str(tmp_path / f"round{n}.db") for n in range(ROUNDS)]
+    assert asyncio.run(schema_status(f"sqlite:///{paths[0]}"))["version"] == 0
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded pytest
+    barrier = ctx.Barrier(WORKERS + 1)  # the test is a party too: rounds stay in step
+    results: multiprocessing.Queue[Any] = ctx.Queue()
+    workers = [
+        ctx.Process(target=_migrate_worker, args=(i, paths, barrier, results), daemon=True)
+        for i in range(WORKERS)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = []
+        for round_, path in enumerate(paths):
+            holder = None
+            if round_ == 0:
+                holder = sqlite3.connect(path, isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")  # the write lock on the fresh file
+            barrier.wait(BARRIER_TIMEOUT_S)
+            if holder is not None:
+                time.sleep(HOLD_S)
+                holder.execute("ROLLBACK")
+                holder.close()
+            outcomes += [results.get(timeout=BARRIER_TIMEOUT_S) for _ in workers]
+    finally:
+        barrier.abort()  # a worker still waiting (after a failure here) gives up
+        for worker in workers:
+            worker.join(BARRIER_TIMEOUT_S)
+            if worker.is_alive():
+                worker.kill()
+    expected = {0: 1, 1: "opened"}
+    failures = sorted(o for o in outcomes if o[2] != expected[o[1] % 2])
+    held = sum(1 for f in failures if f[0] == 0)
+    assert not failures, (
+        f"{len(failures)} of {len(outcomes)} failed ({held} of {WORKERS} in the held round): "
+        f"{failures[:3]}"
+    )
+    assert [w.exitcode for w in workers] == [0] * WORKERS
+    for path in paths:
+        url = f"sqlite:///{path}"
+        assert asyncio.run(schema_status(url)) == {
+            "backend": "sqlite", "version": 1, "latest": 1, "pending": []
+        }  # fmt: skip
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            # Applied exactly once, whichever worker won.
+            assert conn.execute("SELECT version FROM shadowproxy_schema").fetchall() == [(1,)]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        finally:
+            conn.close()
+        assert {"shadow_log", "shadow_promotions", "shadow_log_request_shadow_uq"} <= tables
 
 
 @pytest.mark.postgres

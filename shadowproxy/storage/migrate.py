@@ -4,16 +4,21 @@ Migrations are the files ``shadowproxy/migrations/<dialect>_<NNNN>_<name>.sql``;
 table ``shadowproxy_schema(version, applied_at)`` lists those applied. On
 PostgreSQL they run under a session advisory lock so replicas starting at once
 serialise (the first applies, the others find nothing to do); on SQLite a
-``BEGIN IMMEDIATE`` transaction does the same across processes.
+``BEGIN IMMEDIATE`` transaction does the same across processes, after
+``connect_sqlite`` has switched the file to WAL (retried until a deadline: see
+``_enable_wal``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import re
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,9 @@ from shadowproxy.storage.urls import display_url, parse_store_url
 # Arbitrary but fixed: every shadowproxy process locks the same key.
 ADVISORY_LOCK_KEY = 0x5348_4144_4F57  # "SHADOW"
 CONNECT_TIMEOUT_S = 10.0
+# How long a SQLite connection waits for another process's lock (busy_timeout),
+# and the deadline for switching a file to WAL, which busy_timeout cannot cover.
+SQLITE_BUSY_TIMEOUT_S = 5.0
 # Shipped as package data next to this package (pyproject: migrations/*.sql).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -80,7 +88,12 @@ async def migrate_postgres(conn: asyncpg.Connection) -> tuple[int, int]:
 
 
 def migrate_sqlite(conn: sqlite3.Connection) -> tuple[int, int]:
-    """Apply pending migrations in one IMMEDIATE transaction; (version, applied now)."""
+    """Apply pending migrations in one IMMEDIATE transaction; (version, applied now).
+
+    ``BEGIN IMMEDIATE`` takes the write lock before the version is read (waiting
+    for it under busy_timeout), so of several processes migrating at once the
+    first applies everything and the others find nothing left to do.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_SQLITE_SCHEMA_TABLE)
@@ -99,8 +112,18 @@ def migrate_sqlite(conn: sqlite3.Connection) -> tuple[int, int]:
         conn.execute("COMMIT")
         return version, applied
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback_sqlite(conn)
         raise
+
+
+def rollback_sqlite(conn: sqlite3.Connection) -> None:
+    """ROLLBACK if a transaction is still open (SQLite may already have rolled it back).
+
+    Called while an exception propagates: a failing ROLLBACK must not replace it.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _sqlite_statements(script: str) -> list[str]:
@@ -114,16 +137,66 @@ def _sqlite_statements(script: str) -> list[str]:
     return statements
 
 
-def connect_sqlite(path: str) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, busy timeout."""
+def connect_sqlite(
+    path: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S
+) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, busy timeout.
+
+    Safe when several processes open the same new file at once: each waits up
+    to ``busy_timeout_s`` for the others' locks, then raises sqlite3.Error.
+    """
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 5000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    deadline = time.monotonic() + busy_timeout_s
+    # timeout= is SQLite's busy_timeout: lock waits in later statements are bounded too.
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
+    try:
+        _enable_wal(conn, deadline)
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """``PRAGMA journal_mode = WAL``, retried with backoff while the file is busy.
+
+    busy_timeout does not cover this pragma. Switching a rollback-journal file
+    (every new file) to WAL rewrites the header's version bytes
+    (sqlite3BtreeSetVersion): a read transaction first, to look at them, then
+    an upgrade to a write transaction. SQLite runs the busy handler only while
+    a connection holds no transaction, so the upgrade never waits: when another
+    connection holds the write lock (another process in the middle of the same
+    switch) it fails at once with SQLITE_BUSY, "database is locked" — waiting
+    while holding the read lock could deadlock. So when processes open a new
+    file together, all but the first could fail. A retry starts from no lock;
+    once the first switch is committed the file is WAL and the pragma is a
+    no-op. Every wait is bounded by ``deadline``; then the last error is raised.
+    """
+    delay = 0.002
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            remaining = deadline - time.monotonic()
+            if not is_sqlite_busy(exc) or remaining <= 0:
+                raise
+        # Jitter so that processes which collided do not retry in lockstep.
+        time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
+        delay = min(delay * 2, 0.1)
+
+
+def is_sqlite_busy(exc: sqlite3.Error) -> bool:
+    """Whether exc is SQLITE_BUSY/SQLITE_LOCKED (any extended code): another lock holder."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc).lower()
 
 
 async def migrate(url: str) -> int:

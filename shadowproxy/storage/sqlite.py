@@ -23,7 +23,7 @@ from shadowproxy.record import RECORD_COLUMNS, Record
 from shadowproxy.storage.base import PROMOTION_WINDOW_S, PromotionRecord
 from shadowproxy.storage.batch import write_isolating
 from shadowproxy.storage.codec import iso_ts
-from shadowproxy.storage.migrate import connect_sqlite, migrate_sqlite
+from shadowproxy.storage.migrate import connect_sqlite, migrate_sqlite, rollback_sqlite
 
 T = TypeVar("T")
 
@@ -89,9 +89,13 @@ class SqliteStore:
             if self._conn is not None:
                 return
             try:
-                conn = connect_sqlite(self.path)
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-                self._retry_locked(lambda: migrate_sqlite(conn))
+                # Waits for other processes (WAL switch, then migrations) up to busy_timeout_s.
+                conn = connect_sqlite(self.path, busy_timeout_s=self._busy_timeout_s)
+                try:
+                    self._retry_locked(lambda: migrate_sqlite(conn))
+                except BaseException:
+                    conn.close()
+                    raise
             except (sqlite3.Error, OSError) as exc:
                 raise StorageUnavailable(f"SQLite {self.path}: {exc}") from exc
             self._conn = conn
@@ -110,7 +114,7 @@ class SqliteStore:
             conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback_sqlite(conn)
             raise
 
     async def record_promotion(self, promotion: PromotionRecord) -> bool:

@@ -328,14 +328,11 @@ async def test_unusable_request_id_is_replaced(tmp_path: Path, given: str) -> No
 
 
 def test_refuses_to_start_without_the_c_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    import httptools
+    from aiohttp import http_parser
 
-    from shadowproxy.httpserver import assert_c_parser
-
-    class PurePythonParser:
-        pass
+    from shadowproxy.listener import assert_c_parser
 
     assert_c_parser()  # llhttp is what runs here
-    monkeypatch.setattr(httptools, "HttpRequestParser", PurePythonParser)
+    monkeypatch.setattr(http_parser, "HttpRequestParser", http_parser.HttpRequestParserPy)
     with pytest.raises(RuntimeError, match="llhttp"):
         assert_c_parser()
