@@ -93,6 +93,11 @@ async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float)
     if request.version == aiohttp.HttpVersion11 and "Expect" in request.headers:
         await request.writer.write(_CONTINUE)
     content = request.content
+    if content.is_eof():  # the whole body came with the head: no timer
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise BodyTooLarge
+        return data
     chunks: list[bytes] = []
     size = 0
     while True:

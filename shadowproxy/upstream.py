@@ -22,10 +22,15 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
+from contextvars import ContextVar
+from typing import Any
 
 import aiohttp
+from aiohttp import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from shadowproxy.observation import Observation, failed
@@ -53,30 +58,6 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | OSError):
         return "reset"
     return "protocol"
-
-
-def _count_connection(
-    _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
-) -> None:
-    attempt: _Attempt | None = context.trace_request_ctx
-    if attempt is not None:
-        attempt.connections += 1
-
-
-async def _on_reused(session: aiohttp.ClientSession, context: SimpleNamespace, p: object) -> None:
-    _count_connection(session, context, p)
-    if context.trace_request_ctx is not None:
-        context.trace_request_ctx.reused = True
-
-
-async def _on_created(session: aiohttp.ClientSession, context: SimpleNamespace, p: object) -> None:
-    _count_connection(session, context, p)
-
-
-_TRACE = aiohttp.TraceConfig()
-_TRACE.on_connection_reuseconn.append(_on_reused)
-_TRACE.on_connection_create_end.append(_on_created)
-_TRACE.freeze()
 
 
 def _payload(body: bytes) -> bytes | aiohttp.BytesPayload | None:
@@ -108,11 +89,39 @@ class _Attempt:
         self.reused = False
 
 
+# The request being sent in this task (aiohttp asks its connector within the caller's task).
+_attempt: ContextVar[_Attempt | None] = ContextVar("shadowproxy_upstream_attempt", default=None)
+
+
+class _ReuseAwareConnector(aiohttp.TCPConnector):
+    """A TCPConnector that tells the request in flight whether its connection was a pooled
+    one (aiohttp says so only to trace hooks, which cost every request several awaits)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._used: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        attempt = _attempt.get()
+        protocol = connection.protocol
+        if attempt is not None and protocol is not None:
+            attempt.connections += 1
+            attempt.reused = protocol in self._used
+            self._used.add(protocol)
+        return connection
+
+
 def _session(settings: UpstreamSettings, limit: int, *, fresh: bool) -> aiohttp.ClientSession:
     if fresh:
         connector = aiohttp.TCPConnector(limit=limit, force_close=True)
     else:
-        connector = aiohttp.TCPConnector(
+        connector = _ReuseAwareConnector(
             limit=limit,
             limit_per_host=0,
             keepalive_timeout=settings.keepalive_idle_ms / 1000,
@@ -126,7 +135,6 @@ def _session(settings: UpstreamSettings, limit: int, *, fresh: bool) -> aiohttp.
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO_HEADERS,
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[_TRACE],
     )
 
 
@@ -193,6 +201,7 @@ class UpstreamClient:
         url = self.url(target)
         header_list = list(headers)
         attempt = _Attempt()
+        token = _attempt.set(attempt)
         try:
             async with asyncio.timeout(self.timeout_s):
                 try:
@@ -202,7 +211,6 @@ class UpstreamClient:
                         headers=header_list,
                         data=_payload(body),
                         allow_redirects=False,
-                        trace_request_ctx=attempt,
                     )
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                     # aiohttp already resent an idempotent request once; resend the others
@@ -224,6 +232,8 @@ class UpstreamClient:
             raise UpstreamError("timeout") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamError(error_kind(exc), str(exc)) from exc
+        finally:
+            _attempt.reset(token)
 
     async def close(self) -> None:
         await self.session.close()
@@ -244,9 +254,12 @@ def _checked(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
 
 async def read_chunk(response: aiohttp.ClientResponse, idle_s: float) -> bytes:
     """The next body bytes (b"" at the end), waiting at most ``idle_s`` for them."""
+    content = response.content
     try:
+        if content.is_eof():  # the whole body is here already (most small answers): no timer
+            return content.read_nowait()
         async with asyncio.timeout(idle_s):
-            return await response.content.readany()
+            return await content.readany()
     except TimeoutError:
         raise UpstreamError("timeout") from None
     except (aiohttp.ClientError, OSError) as exc:
