@@ -1,7 +1,9 @@
-# Benchmark targets (issue #6). Included from the Makefile: `-include bench/bench.mk`.
+# Benchmark targets (issue #13). Included from the Makefile: `-include bench/bench.mk`.
 # `make bench`        full run (≈1 h on 2 cores): JSON in bench/results/, table on stdout,
 #                     bench/RESULTS.md rewritten with the date and command.
-# `make bench-quick`  ≈1 minute smoke run (2 scenarios, 2 s per load run, no RSS run).
+# `make bench-quick`  ≈1.5-2 minute smoke run (fast, 2s and a short body32k; no RSS run).
+# Only the model-sized bodies (leaves RESULTS.md alone, unlike `make bench`):
+#   .venv/bin/python bench/run.py --scenarios body32k,upload1m --out bench/results/
 # Extra harness flags: make bench BENCH_ARGS="--repeat 5 --rate 1000"
 VENV       ?= .venv
 BENCH_PY   ?= $(VENV)/bin/python
