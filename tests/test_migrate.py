@@ -18,19 +18,28 @@ from shadowproxy.storage.sqlite import SqliteStore
 
 @pytest.mark.postgres
 async def test_concurrent_migrations_serialise(postgres_url: str) -> None:
-    assert (await schema_status(postgres_url))["pending"] == [1]
+    assert (await schema_status(postgres_url))["pending"] == [1, 2]
     versions = await asyncio.gather(*(migrate(postgres_url) for _ in range(8)))
     assert versions == [latest_version("postgres")] * 8
     conn = await asyncpg.connect(postgres_url, timeout=5)
     try:
         applied = await conn.fetch("SELECT version FROM shadowproxy_schema")
         indexes = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
+        compression = {
+            r["attname"]: r["attcompression"]
+            for r in await conn.fetch(
+                "SELECT attname, attcompression FROM pg_attribute"
+                " WHERE attrelid = 'shadow_log'::regclass AND attname LIKE '%body'"
+            )
+        }
     finally:
         await conn.close()
-    assert [r["version"] for r in applied] == [1]
+    assert sorted(r["version"] for r in applied) == [1, 2]
+    # v2: bodies compressed with lz4 (4x faster COPY of large bodies than pglz)
+    assert compression == {"request_body": b"l", "primary_body": b"l", "shadow_body": b"l"}
     assert {"shadow_log_request_shadow_uq", "shadow_log_route_shadow_ts_idx"} <= indexes
     status = await schema_status(postgres_url)
-    assert status == {"backend": "postgresql", "version": 1, "latest": 1, "pending": []}
+    assert status == {"backend": "postgresql", "version": 2, "latest": 2, "pending": []}
 
 
 # Replicas starting together on one new SQLite file: WORKERS processes released
@@ -130,9 +139,9 @@ def test_db_command_migrate_and_status(
 ) -> None:
     missing = str(tmp_path / "absent.yaml")  # with --database-url the config is optional
     assert db_command("status", config_path=missing, database_url=postgres_url) == 0
-    assert "schema version 0 of 1, 1 pending" in capsys.readouterr().out
+    assert "schema version 0 of 2, 2 pending" in capsys.readouterr().out
     assert db_command("migrate", config_path=missing, database_url=postgres_url) == 0
-    assert "schema at version 1" in capsys.readouterr().out
+    assert "schema at version 2" in capsys.readouterr().out
     assert db_command("status", config_path=missing, database_url=postgres_url) == 0
     assert "up to date" in capsys.readouterr().out
 
