@@ -423,3 +423,37 @@ _JSON = st.recursive(
 def test_plain_key_paths_read_what_jmespath_reads(expression: str, data: Any) -> None:
     # Plain dotted keys skip the JMESPath interpreter; the answer must not change.
     assert _search(expression, data) == jmespath.search(expression, data)
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=_JSONISH.map(orjson.dumps) | st.binary(max_size=40) | st.just(b"[" * 70 + b"]" * 70),
+    status=st.sampled_from([200, 204, 404, 500, 503]),
+    ignore=st.sampled_from([(), ("a",), ("a.b",)]),
+    tolerance=st.sampled_from([0.0, 0.5]),
+)
+def test_identical_answers_are_judged_as_the_full_rule_judges_them(
+    body: bytes,
+    status: int,
+    ignore: tuple[str, ...],
+    tolerance: float,
+) -> None:
+    """The byte-equality shortcut gives exactly what parsing both sides would give."""
+    from unittest import mock
+
+    import shadowproxy.compare as compare
+
+    rule = CompareSettings(ignore=ignore, tolerance=tolerance)
+    fast = compare_responses(rule, obs(body, status), obs(body, status))
+    with mock.patch.object(compare, "_same_bytes", lambda *_: False):
+        slow = compare_responses(rule, obs(body, status), obs(body, status))
+    assert fast == slow
