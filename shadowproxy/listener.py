@@ -11,9 +11,15 @@ small and for one reason:
 - **send deadline** — a client that stops reading would hold its answer, and the primary
   connection streaming it, for ever; after ``send_timeout_s`` with a full send buffer the
   connection is aborted;
-- **HTTP only** — aiohttp's C parser (3.14) accepts ``RTSP/1.0`` and ``ICE/1.0`` request
-  lines and reports them as HTTP/1.0; a head whose first line does not end in ``HTTP/x.y``
-  is closed unanswered (checked on the first bytes of each head after an idle connection);
+- **HTTP/1 only** — aiohttp's C parser (3.14) accepts ``RTSP/1.0`` and ``ICE/1.0`` request
+  lines and reports them as HTTP/1.0, and answers ``HTTP/2.0`` in kind; a head whose first
+  line does not end in ``HTTP/1.x`` gets a 505 or is closed (checked on the first bytes of
+  each head after an idle connection; one pipelined behind another is the handler's to
+  refuse, and it cannot tell RTSP from HTTP/1.0);
+- **broken bodies** — a body that stops parsing fails the handler's read (aiohttp 3.14 leaves
+  it waiting for the body timeout);
+- **half-close** — aiohttp closes the connection when the client shuts down its sending side;
+  the requests it already sent are answered first (RFC 9112 §9.6);
 - **JSON errors** — malformed requests get ``{"error", "request_id"}`` like every other
   error answer, and are counted.
 """
@@ -27,8 +33,9 @@ from typing import Any, cast
 
 import orjson
 import structlog
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import StreamReader, web
+from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 
 from shadowproxy.headers import new_request_id
 from shadowproxy.settings import ServerSettings
@@ -52,6 +59,17 @@ def _reason(exc: BaseException | None) -> str:
     return _UNPRINTABLE.sub("?", first)[:120].rstrip(":")
 
 
+def _version_not_supported(message: str) -> bytes:
+    """A whole 505 answer, written before aiohttp parsed anything (it would answer in the
+    request's version, which the client does not speak)."""
+    body = error_body(message)
+    head = (
+        "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def assert_c_parser() -> None:
     """Refuse to run on aiohttp's pure-Python HTTP parser: llhttp is the one we rely on."""
     from aiohttp import http_parser
@@ -69,6 +87,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self._idle = True  # between requests: the next bytes begin a head
+        self._client_done = False  # the client half-closed: answer what came, then close
+        self._body: StreamReader | None = None  # the running request's body
         self._first_line: bytes | None = b""  # the head's bytes until its first line is whole
         self._transport: asyncio.Transport | None = None
 
@@ -92,13 +112,33 @@ class GuardedRequestHandler(web.RequestHandler):
             if self._head_deadline is None:
                 self._arm_head_deadline()
             if self._first_line is not None and not self._check_first_line(data):
-                self._guard.on_reject("malformed")
-                self._close_now()
                 return
         super().data_received(data)
+        body = self._body
+        if (
+            body is not None
+            and not body.is_eof()
+            and body.exception() is None
+            and self._messages
+            and not isinstance(self._messages[-1][0], RawRequestMessage)
+        ):
+            # aiohttp (3.14) queues a parse error in the body as a next "request" and leaves
+            # the running one waiting for bytes that will never come: fail it (the handler
+            # answers 400 and the connection closes before the queued error is reached).
+            self._guard.on_reject("malformed")
+            body.set_exception(BadHttpMessage("malformed request body"))
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's: bool | None
+        if self._messages or (self._body is not None and self._body.is_eof()):
+            # Whole requests are waiting for their answers (aiohttp's queue of received
+            # heads, or the running one): keep the sending side open, close after them.
+            self._client_done = True
+            return True
+        return None  # nothing whole to answer (or a body cut short): aiohttp closes
 
     def _check_first_line(self, data: bytes) -> bool:
-        """False once the head's first line is whole and its protocol is not HTTP."""
+        """False (the connection answered and closing) once the head's first line is whole
+        and its protocol is not HTTP/1."""
         assert self._first_line is not None
         line = (self._first_line + data).lstrip(b"\r\n")  # RFC 9112 §2.2: empty lines first
         end = line.find(b"\r\n", 0, _FIRST_LINE_PEEK)
@@ -107,20 +147,45 @@ class GuardedRequestHandler(web.RequestHandler):
             self._first_line = line if len(line) < _FIRST_LINE_PEEK else None
             return True
         self._first_line = None
-        return line[:end].rpartition(b" ")[2].startswith(b"HTTP/")
+        protocol = line[:end].rpartition(b" ")[2]
+        if protocol.startswith(b"HTTP/1."):
+            return True
+        self._guard.on_reject("malformed")
+        if protocol.startswith(b"HTTP/") and self._transport is not None:
+            version = _UNPRINTABLE.sub("?", protocol.decode("latin-1"))[:16]
+            self._transport.write(_version_not_supported(f"{version} is not supported"))
+        self._close_now()
+        return False
 
     # The handler tells the guard when a head was complete and when its answer is done.
-    def request_started(self) -> None:
+    @property
+    def draining(self) -> bool:
+        return self._guard.draining
+
+    def request_started(self, body: StreamReader) -> None:
         self._idle = False
+        self._body = body
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
 
-    def request_finished(self, body_read: bool) -> None:
-        """After an unread body aiohttp drains and closes: those bytes begin no head."""
+    def request_finished(
+        self, request: web.BaseRequest, response: web.StreamResponse | None
+    ) -> None:
+        """The handler is done; ``response`` (not yet written, unless streamed) is its answer.
+
+        After an unread body (404, 413, 408), or while the server stops, the answer is the
+        connection's last and says so; bytes still coming begin no head.
+        """
+        self._body = None
+        body_read = request.content.is_eof()
+        if response is not None and not response.prepared and (not body_read or self.draining):
+            response.force_close()
         if body_read:
             self._idle = True
             self._first_line = b""
+        if self._client_done and not self._messages:
+            self.close()  # the answer now being written is the last
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -204,6 +269,7 @@ class GuardedServer(web.Server):
         self.max_connections = max_connections
         self.on_reject = on_reject
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.draining = False  # stopping: every answer from now on says Connection: close
         self._handler_kwargs = kwargs
 
     def __call__(self) -> GuardedRequestHandler:
@@ -271,6 +337,7 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop listening, let in-flight requests finish (up to the grace), close the rest."""
+        self.server.draining = True
         for site in list(self._runner.sites):
             await site.stop()
         await self.server.shutdown(self.shutdown_grace_s)

@@ -15,6 +15,7 @@ from itertools import chain
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from shadowproxy.headers import (
     REQUEST_ID,
@@ -55,6 +56,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyMalformed(Exception):
     pass
 
 
@@ -101,8 +106,11 @@ async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float)
     chunks: list[bytes] = []
     size = 0
     while True:
-        async with asyncio.timeout(idle_timeout_s):
-            chunk = await content.readany()
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await content.readany()
+        except HttpProcessingError as exc:  # failed by the listener: the body stopped parsing
+            raise BodyMalformed from exc
         if not chunk:
             break
         size += len(chunk)
@@ -147,12 +155,13 @@ class ProxyHandler:
         protocol = request.protocol
         guard = protocol if isinstance(protocol, GuardedRequestHandler) else None
         if guard is not None:
-            guard.request_started()
+            guard.request_started(request.content)
+        response: web.StreamResponse | None = None
         try:
-            if not self._runtime.settings.server.access_log:
-                return await self._handle(request)
             started = time.perf_counter()
             response = await self._handle(request)
+            if not self._runtime.settings.server.access_log:
+                return response
             access_log.info(
                 "request",
                 method=request.method,
@@ -165,7 +174,7 @@ class ProxyHandler:
             return response
         finally:
             if guard is not None:
-                guard.request_finished(request.content.is_eof())
+                guard.request_finished(request, response)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         request_id = request_id_from(request.headers.get(REQUEST_ID))
@@ -206,6 +215,8 @@ class ProxyHandler:
             return error_response(413, message, request_id)
         except TimeoutError:
             return error_response(408, "request body not received in time", request_id)
+        except BodyMalformed:
+            return error_response(400, "malformed request body", request_id)
 
         headers = _forwarded_headers(request, request_id, request.headers.get("Host", ""))
         join: PairJoin | None = None
@@ -336,9 +347,13 @@ class _PrimaryCall:
     ) -> web.StreamResponse:
         """Send the upstream's answer chunk by chunk as it arrives."""
         response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+        request = self.request
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
-        request = self.request
+        elif request.version == aiohttp.HttpVersion10:
+            # Delimited by the close for an HTTP/1.0 client; aiohttp (3.14) would otherwise
+            # keep a keep-alive connection open and the answer would never end.
+            response.force_close()
         try:
             await response.prepare(request)
             while chunk := await read_chunk(upstream, self.client.idle_s):

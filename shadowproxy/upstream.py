@@ -107,12 +107,21 @@ class _ReuseAwareConnector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
+        while True:  # each stale one leaves the pool; a new connection is never stale
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            reused = protocol in self._used
+            if reused and protocol is not None and protocol.should_close:
+                # Bytes arrived on it while it sat idle (aiohttp would hand them to the next
+                # request as its answer), or it was marked unusable: drop it, take another.
+                connection.close()
+                continue
+            break
         attempt = _attempt.get()
-        protocol = connection.protocol
-        if attempt is not None and protocol is not None:
+        if attempt is not None:
             attempt.connections += 1
-            attempt.reused = protocol in self._used
+            attempt.reused = reused
+        if protocol is not None:
             self._used.add(protocol)
         return connection
 
@@ -245,6 +254,10 @@ def _checked(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
     """Refuse an answer whose body aiohttp cannot hand over as the upstream meant it: a
     transfer-coding other than chunked (aiohttp strips ``chunked`` only, and passing coded
     bytes on would mislabel them)."""
+    if response.status < 200:
+        # aiohttp skips 100 and 103; a 101 (or any other 1xx) was never asked for.
+        response.close()
+        raise UpstreamError("protocol", f"unexpected {response.status} answer")
     coding = response.headers.get("Transfer-Encoding")
     if coding is not None and coding.strip().lower() != "chunked":
         response.close()

@@ -11,7 +11,7 @@ import uvloop
 
 # The client-facing server is exercised on both event loops: the stdlib one the in-process
 # tests default to, and uvloop, which `shadowproxy serve` runs on (its transports differ).
-_BOTH_LOOPS = {"test_httpserver.py", "test_clients.py"}
+_BOTH_LOOPS = {"test_listener.py", "test_clients.py"}
 
 
 def pytest_asyncio_loop_factories(
