@@ -426,7 +426,11 @@ def test_plain_key_paths_read_what_jmespath_reads(expression: str, data: Any) ->
 
 
 _JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)  # what JSON encoders take
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children)
     ),
