@@ -21,11 +21,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.metrics import Metrics
-from shadowproxy.record import Record
-from shadowproxy.recorder import Recorder
-from shadowproxy.settings import StorageSettings
+from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.postgres import PostgresStore
+from shadowproxy.storage.record import Record
+from shadowproxy.storage.recorder import Recorder
+from shadowproxy.telemetry.metrics import Metrics
 
 SERVER = os.environ.get(
     "SHADOWPROXY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from shadowproxy.record import RECORD_COLUMNS
-from shadowproxy.report.command import report_command
+from shadowproxy.commands.report import report_command
 from shadowproxy.storage.migrate import migrate
+from shadowproxy.storage.record import RECORD_COLUMNS
 
 LABELS = ("positive", "negative", "neutral", "mixed", "unknown")
 CHUNK = 100_000

@@ -1,5 +1,5 @@
 import sys
 
-from shadowproxy.cli import main
+from shadowproxy.commands.cli import main
 
 sys.exit(main())

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.config import load_settings
-from shadowproxy.service import Overrides, Service
+from shadowproxy.config.load import load_settings
+from shadowproxy.control.service import Overrides, Service
 
 
 def free_port() -> int:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from shadowproxy.observation import Exchange, Observation, RequestSnapshot
-from shadowproxy.record import Comparison, DiffEntry, Record
-from shadowproxy.settings import CompareSettings
+from shadowproxy.config.settings import CompareSettings
+from shadowproxy.pairs.observation import Exchange, Observation, RequestSnapshot
+from shadowproxy.storage.record import Comparison, DiffEntry, Record
 
 
 def make_record(

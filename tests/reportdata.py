@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from shadowproxy.record import RECORD_COLUMNS
+from shadowproxy.storage.record import RECORD_COLUMNS
 
 Row = dict[str, Any]
 
@@ -56,7 +56,7 @@ def iso(ts: float) -> str:
 
 def _schema(dialect: str) -> str:
     return (
-        resources.files("shadowproxy")
+        resources.files("shadowproxy.storage")
         .joinpath(f"migrations/{dialect}_0001_initial.sql")
         .read_text(encoding="utf-8")
     )

@@ -9,9 +9,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pytest_aiohttp.plugin import AiohttpClient
 
-from shadowproxy.admin import build_admin_app
-from shadowproxy.errors import ConfigError
-from shadowproxy.promotion import ConfigNotWritable, RouteNotFound, ShadowNotFound
+from shadowproxy.base.errors import ConfigError
+from shadowproxy.control.admin import build_admin_app
+from shadowproxy.control.promotion import ConfigNotWritable, RouteNotFound, ShadowNotFound
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

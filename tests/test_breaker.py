@@ -8,7 +8,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shadowproxy.breaker import CircuitBreaker
+from shadowproxy.proxy.breaker import CircuitBreaker
 from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
 
 

@@ -8,18 +8,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shadowproxy.compare import (
+from shadowproxy.config.ignore_paths import parse_path
+from shadowproxy.config.settings import CompareSettings
+from shadowproxy.pairs.compare import (
     ABSENT,
     MAX_DIFF,
     _search,
     compare_responses,
     compile_expression,
-    parse_path,
     similar,
 )
-from shadowproxy.observation import Observation
-from shadowproxy.record import AGREE, DISAGREE, OUTCOMES, PRIMARY_ERROR, SHADOW_ERROR, Comparison
-from shadowproxy.settings import CompareSettings
+from shadowproxy.pairs.observation import Observation
+from shadowproxy.storage.record import (
+    AGREE,
+    DISAGREE,
+    OUTCOMES,
+    PRIMARY_ERROR,
+    SHADOW_ERROR,
+    Comparison,
+)
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -454,7 +461,7 @@ def test_identical_answers_are_judged_as_the_full_rule_judges_them(
     """The byte-equality shortcut gives exactly what parsing both sides would give."""
     from unittest import mock
 
-    import shadowproxy.compare as compare
+    import shadowproxy.pairs.compare as compare
 
     rule = CompareSettings(ignore=ignore, tolerance=tolerance)
     fast = compare_responses(rule, obs(body, status), obs(body, status))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shadowproxy.config import load_settings
-from shadowproxy.errors import ConfigError
-from shadowproxy.settings import CompareSettings, GateSettings, MirrorSettings
+from shadowproxy.base.errors import ConfigError
+from shadowproxy.config.load import load_settings
+from shadowproxy.config.settings import CompareSettings, GateSettings, MirrorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

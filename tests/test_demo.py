@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowproxy.config import parse_settings
+from shadowproxy.config.load import parse_settings
 from shadowproxy.demo import demo_command
 from shadowproxy.demo.routes import CANDIDATE, PRIMARY, ROUTE, DemoRoutes, render_routes
 from shadowproxy.demo.run import ENV_DIR, ENV_EXIT_AFTER_TRAFFIC, ENV_REQUESTS

@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shadowproxy.settings import ServerSettings
+from shadowproxy.config.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -311,9 +311,9 @@ def shipped_routes() -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(shipped_routes()))
 def test_shipped_routes_yaml_is_valid(name: str, tmp_path: Path) -> None:
     try:
-        from shadowproxy.config import load_settings
+        from shadowproxy.config.load import load_settings
     except ImportError as exc:
-        require(False, f"shadowproxy.config.load_settings ({exc})")
+        require(False, f"shadowproxy.config.load.load_settings ({exc})")
     path = tmp_path / "routes.yaml"
     path.write_text(shipped_routes()[name])
     settings = load_settings(str(path))

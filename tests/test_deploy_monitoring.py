@@ -3,7 +3,7 @@
 Rules: `promtool check rules` and `promtool test rules` (rules.test.yml). Dashboard: every
 query parses (promtool, Grafana variables substituted). Both: every `shadowproxy_*` metric,
 matcher, label value and grouping label exists in PRODUCT.md's list, which must itself equal
-what shadowproxy.metrics registers. promtool is required when CI=true.
+what shadowproxy.telemetry.metrics registers. promtool is required when CI=true.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.metrics import Metrics
+from shadowproxy.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "deploy" / "prometheus"

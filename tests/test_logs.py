@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from shadowproxy.logs import (
+from shadowproxy.telemetry.logs import (
     MAX_VALUE_CHARS,
     REDACTED,
     configure_logging,

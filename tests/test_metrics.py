@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.metrics import Metrics
+from shadowproxy.telemetry.metrics import Metrics
 from tests.proxyharness import running_service, sample, wait_until, write_config
 
 

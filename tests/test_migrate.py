@@ -12,7 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from shadowproxy.storage.migrate import db_command, latest_version, migrate, schema_status
+from shadowproxy.commands.db import db_command
+from shadowproxy.storage.migrate import latest_version, migrate, schema_status
 from shadowproxy.storage.sqlite import SqliteStore
 
 

@@ -9,8 +9,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shadowproxy.overload import LoopLagMonitor
-from shadowproxy.tasks import TaskGroup
+from shadowproxy.base.tasks import TaskGroup
+from shadowproxy.proxy.overload import LoopLagMonitor
 from tests.proxyharness import running_service, sample, write_config
 
 

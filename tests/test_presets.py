@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shadowproxy.compare import compare_responses
-from shadowproxy.observation import Observation
-from shadowproxy.presets import PRESETS, apply_preset
-from shadowproxy.record import AGREE, DISAGREE
-from shadowproxy.settings import CompareSettings
+from shadowproxy.config.presets import PRESETS, apply_preset
+from shadowproxy.config.settings import CompareSettings
+from shadowproxy.pairs.compare import compare_responses
+from shadowproxy.pairs.observation import Observation
+from shadowproxy.storage.record import AGREE, DISAGREE
 
 FAST = settings(max_examples=60, deadline=None)
 

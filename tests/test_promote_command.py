@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp.plugin import AiohttpServer
 
-from shadowproxy.promote_command import admin_settings, promote_command
+from shadowproxy.commands.promote import admin_settings, promote_command
 
 TOKEN_ENV = "SHADOWPROXY_TEST_PROMOTE_TOKEN"
 TOKEN = "t0ken-for-tests"

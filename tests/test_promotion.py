@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from shadowproxy.errors import ConfigError, ShadowProxyError
-from shadowproxy.promotion import (
+from shadowproxy.base.errors import ConfigError, ShadowProxyError
+from shadowproxy.control.promotion import (
     ConfigNotWritable,
     PromotionResult,
     RouteNotFound,

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.metrics import Metrics
-from shadowproxy.record import Record
-from shadowproxy.recorder import Recorder
-from shadowproxy.settings import StorageSettings
-from shadowproxy.spool import Spool
+from shadowproxy.base.errors import StorageUnavailable
+from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.storage.batch import RecordsRejected
+from shadowproxy.storage.record import Record
+from shadowproxy.storage.recorder import Recorder
+from shadowproxy.storage.spool import Spool
 from shadowproxy.storage.sqlite import SqliteStore
+from shadowproxy.telemetry.metrics import Metrics
 from tests.recordkit import make_record
 
 

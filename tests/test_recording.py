@@ -6,10 +6,10 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadowproxy.record import DiffEntry
-from shadowproxy.recording import TRUNCATION_MARKER, body_text, build_record, safe_text
-from shadowproxy.redact import REDACTED, redact_headers, redact_json_body
-from shadowproxy.settings import RedactSettings, StorageSettings
+from shadowproxy.config.settings import RedactSettings, StorageSettings
+from shadowproxy.pairs.record_build import TRUNCATION_MARKER, body_text, build_record, safe_text
+from shadowproxy.pairs.redact import REDACTED, redact_headers, redact_json_body
+from shadowproxy.storage.record import DiffEntry
 from tests.recordkit import make_comparison, make_exchange
 
 STORAGE = StorageSettings(

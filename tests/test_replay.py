@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shadowproxy.recording import TRUNCATION_MARKER
-from shadowproxy.replay import replay_command
-from shadowproxy.report.command import report_command
+from shadowproxy.commands.replay import replay_command
+from shadowproxy.commands.report import report_command
+from shadowproxy.pairs.record_build import TRUNCATION_MARKER
 from tests.reportdata import Row, row, seed
 
 NOW = time.time()

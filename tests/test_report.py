@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from shadowproxy.cli import main
-from shadowproxy.report.command import evaluate_gate, report_command
+from shadowproxy.commands.cli import main
+from shadowproxy.commands.report import evaluate_gate, report_command
 from shadowproxy.report.stats import wilson_interval
 from tests.reportdata import Row, row, seed, seed_sqlite
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shadowproxy.config.settings import GateSettings
 from shadowproxy.report.gates import judge
 from shadowproxy.report.model import Aggregate, Percentiles
-from shadowproxy.settings import GateSettings
 
 GATE = GateSettings(
     min_samples=100,

@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shadowproxy.spool import Spool
+from shadowproxy.storage.spool import Spool
 from tests.recordkit import make_record
 
 CRASH = """
 import os, signal, sys
-from shadowproxy.spool import Spool
+from shadowproxy.storage.spool import Spool
 from tests.recordkit import make_record
 spool = Spool(sys.argv[1], instance="crashy")
 spool.open()

@@ -8,11 +8,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.record import RECORD_COLUMNS
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage import open_store
 from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.storage.jsonl import JsonlStore
+from shadowproxy.storage.record import RECORD_COLUMNS
 from tests.recordkit import make_record
 
 DAY = 86400.0

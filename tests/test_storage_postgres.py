@@ -12,14 +12,14 @@ import asyncpg
 import orjson
 import pytest
 
-from shadowproxy.errors import StorageUnavailable, UsageError
-from shadowproxy.record import RECORD_COLUMNS
-from shadowproxy.recording import build_record
-from shadowproxy.settings import StorageSettings
+from shadowproxy.base.errors import StorageUnavailable, UsageError
+from shadowproxy.config.settings import StorageSettings
+from shadowproxy.pairs.record_build import build_record
 from shadowproxy.storage import open_store
 from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.storage.batch import RecordsRejected
 from shadowproxy.storage.postgres import PostgresStore
+from shadowproxy.storage.record import RECORD_COLUMNS
 from tests.recordkit import make_comparison, make_exchange, make_record
 
 pytestmark = pytest.mark.postgres

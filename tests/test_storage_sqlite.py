@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.record import RECORD_COLUMNS
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage import open_store
 from shadowproxy.storage.base import PromotionRecord
+from shadowproxy.storage.record import RECORD_COLUMNS
 from shadowproxy.storage.sqlite import SqliteStore
 from tests.recordkit import make_record
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from shadowproxy.watcher import ConfigWatcher, file_sha256
+from shadowproxy.config.watcher import ConfigWatcher, file_sha256
 
 V1 = b"routes:\n  - name: r\n    primary: a\n"
 V2 = b"routes:\n  - name: r\n    primary: b\n"

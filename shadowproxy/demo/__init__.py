@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from shadowproxy.base.exits import EXIT_USAGE
+
 
 def demo_command(port: int) -> int:
     # Deferred so `python -m shadowproxy.demo.models` does not import its own module twice,
@@ -16,7 +18,7 @@ def demo_command(port: int) -> int:
             "pip install 'shadowproxy[demo]'",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     return run(port)
 
 

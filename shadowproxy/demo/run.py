@@ -27,6 +27,7 @@ from typing import IO
 import aiohttp
 from aiohttp import web
 
+from shadowproxy.base.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from shadowproxy.demo.instructions import cli_name, print_instructions, print_summary
 from shadowproxy.demo.models import MODEL_KEY, build_model_app, sample_instances
 from shadowproxy.demo.records import Summary, max_record_id, read_summary
@@ -42,8 +43,6 @@ READY_TIMEOUT_S = 60.0
 RECORDS_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 40.0
 CONCURRENCY = 8
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class DemoError(Exception):

@@ -17,6 +17,7 @@ The checks:
 
 from __future__ import annotations
 
+from shadowproxy.config.settings import GateSettings
 from shadowproxy.report.model import (
     INSUFFICIENT,
     NOT_READY,
@@ -27,7 +28,6 @@ from shadowproxy.report.model import (
     RouteReport,
 )
 from shadowproxy.report.stats import ratio, wilson_interval
-from shadowproxy.settings import GateSettings
 
 
 def agreement_interval(agreed: int, comparable: int) -> Interval:

@@ -11,6 +11,9 @@ INSUFFICIENT = "insufficient_samples"
 OTHER_LABEL = "(other)"  # classes beyond the top ones, folded together
 NO_LABEL = "(none)"  # a side had no label
 
+TOP_DISAGREEMENTS = 10
+INPUT_CHARS = 200  # request bodies in top disagreements are cut to this many characters
+
 # Upper edges (ms) of the latency histogram behind the HTML chart; the last bin is open.
 LATENCY_EDGES_MS: tuple[float, ...] = (
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,

@@ -21,16 +21,17 @@ from typing import Any
 
 import orjson
 
-from shadowproxy.errors import UsageError
+from shadowproxy.base.errors import UsageError
 from shadowproxy.report.confusion import fold_confusion
 from shadowproxy.report.model import (
+    INPUT_CHARS,
     LATENCY_EDGES_MS,
+    TOP_DISAGREEMENTS,
     Aggregate,
     Disagreement,
     HourBucket,
     Percentiles,
 )
-from shadowproxy.report.source import INPUT_CHARS, TOP_DISAGREEMENTS
 from shadowproxy.report.stats import percentile_cont
 
 _FILE = re.compile(r"^shadow_log-(\d{4}-\d{2}-\d{2})-.*\.jsonl$")

@@ -13,17 +13,18 @@ from typing import Any
 
 import asyncpg
 
-from shadowproxy.errors import StorageUnavailable
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.report.confusion import TOP_CLASSES, fold_confusion
 from shadowproxy.report.model import (
+    INPUT_CHARS,
     LATENCY_EDGES_MS,
     OTHER_LABEL,
+    TOP_DISAGREEMENTS,
     Aggregate,
     Disagreement,
     HourBucket,
     Percentiles,
 )
-from shadowproxy.report.source import INPUT_CHARS, TOP_DISAGREEMENTS
 
 _WINDOW = "route = $1 AND shadow_upstream = $2 AND ts >= $3"
 

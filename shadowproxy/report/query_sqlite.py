@@ -13,16 +13,17 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
-from shadowproxy.errors import StorageUnavailable, UsageError
+from shadowproxy.base.errors import StorageUnavailable, UsageError
 from shadowproxy.report.confusion import fold_confusion
 from shadowproxy.report.model import (
+    INPUT_CHARS,
     LATENCY_EDGES_MS,
+    TOP_DISAGREEMENTS,
     Aggregate,
     Disagreement,
     HourBucket,
     Percentiles,
 )
-from shadowproxy.report.source import INPUT_CHARS, TOP_DISAGREEMENTS
 
 _WINDOW = "route = ? AND shadow_upstream = ? AND ts >= ?"
 _BOTH_SCORED = "primary_score IS NOT NULL AND shadow_score IS NOT NULL"

@@ -7,9 +7,6 @@ from typing import Protocol
 from shadowproxy.report.model import Aggregate
 from shadowproxy.storage.urls import parse_store_url
 
-TOP_DISAGREEMENTS = 10
-INPUT_CHARS = 200  # request bodies in top disagreements are cut to this many characters
-
 
 class RecordSource(Protocol):
     backend: str

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shadowproxy.record import Record
+from shadowproxy.storage.record import Record
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from shadowproxy.errors import StorageError, StorageUnavailable
-from shadowproxy.record import Record
+from shadowproxy.base.errors import StorageError, StorageUnavailable
+from shadowproxy.storage.record import Record
 
 
 class RecordsRejected(StorageError):

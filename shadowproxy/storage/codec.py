@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from shadowproxy.record import RECORD_COLUMNS, Record
+from shadowproxy.storage.record import RECORD_COLUMNS, Record
 
 
 def iso_ts(ts: float) -> str:

@@ -21,10 +21,10 @@ from dataclasses import asdict
 
 import orjson
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.record import Record
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.storage.codec import iso_ts, record_to_table_dict
+from shadowproxy.storage.record import Record
 
 RECENT_KEYS = 200_000
 

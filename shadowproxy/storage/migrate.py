@@ -17,7 +17,6 @@ import os
 import random
 import re
 import sqlite3
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from shadowproxy.errors import StorageUnavailable, UsageError
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage.urls import display_url, parse_store_url
 
 # Arbitrary but fixed: every shadowproxy process locks the same key.
@@ -35,7 +34,7 @@ CONNECT_TIMEOUT_S = 10.0
 # and the deadline for switching a file to WAL, which busy_timeout cannot cover.
 SQLITE_BUSY_TIMEOUT_S = 5.0
 # Shipped as package data next to this package (pyproject: migrations/*.sql).
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,46 +279,3 @@ async def _pg_connect(url: str) -> asyncpg.Connection:
         return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"cannot connect to {display_url(url)}: {exc}") from exc
-
-
-def db_command(action: str, *, config_path: str, database_url: str | None) -> int:
-    """``shadowproxy db migrate|status``: one line on stdout; 0 ok, 2 bad URL or unreachable.
-
-    ``database_url`` overrides the config's storage.url; given it, the config is optional.
-    """
-    url = database_url or _config_storage_url(config_path)
-    shown = display_url(url)
-    try:
-        if action == "migrate":
-            version = asyncio.run(migrate(url))
-            print(f"{shown}: schema at version {version} (latest {_latest_for(url)})")
-        elif action == "status":
-            status = asyncio.run(schema_status(url))
-            pending = status["pending"]
-            state = (
-                f"{len(pending)} pending, run `shadowproxy db migrate`" if pending else "up to date"
-            )
-            print(f"{shown}: schema version {status['version']} of {status['latest']}, {state}")
-        else:
-            raise UsageError(f"unknown db action {action!r}; expected migrate or status")
-    except (UsageError, StorageUnavailable) as exc:
-        print(f"shadowproxy db {action}: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _latest_for(url: str) -> int:
-    backend = parse_store_url(url).backend
-    return (
-        0
-        if backend == "jsonl"
-        else latest_version("postgres" if backend == "postgresql" else "sqlite")
-    )
-
-
-def _config_storage_url(config_path: str) -> str:
-    from shadowproxy.config import (
-        load_settings,
-    )  # deferred: the config parser is not needed with a URL
-
-    return load_settings(config_path).storage.url

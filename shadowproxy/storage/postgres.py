@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.record import RECORD_COLUMNS, Record
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage.base import PROMOTION_WINDOW_S, PromotionRecord
 from shadowproxy.storage.batch import write_isolating
 from shadowproxy.storage.migrate import migrate_postgres
+from shadowproxy.storage.record import RECORD_COLUMNS, Record
 from shadowproxy.storage.urls import display_url
 
 _COLUMNS = ", ".join(RECORD_COLUMNS)

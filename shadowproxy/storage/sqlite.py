@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from shadowproxy.errors import StorageUnavailable
-from shadowproxy.record import RECORD_COLUMNS, Record
+from shadowproxy.base.errors import StorageUnavailable
 from shadowproxy.storage.base import PROMOTION_WINDOW_S, PromotionRecord
 from shadowproxy.storage.batch import write_isolating
 from shadowproxy.storage.codec import iso_ts
 from shadowproxy.storage.migrate import connect_sqlite, migrate_sqlite, rollback_sqlite
+from shadowproxy.storage.record import RECORD_COLUMNS, Record
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from shadowproxy.errors import UsageError
+from shadowproxy.base.errors import UsageError
 
 URL_FORMS = (
     "postgresql://user@host:5432/db, sqlite:///relative.db, sqlite:////absolute.db "

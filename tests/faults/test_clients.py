@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shadowproxy.service import Service
+from shadowproxy.control.service import Service
 from tests.proxyharness import running_service, sample, wait_until, write_config
 
 
@@ -330,7 +330,7 @@ async def test_unusable_request_id_is_replaced(tmp_path: Path, given: str) -> No
 def test_refuses_to_start_without_the_c_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     from aiohttp import http_parser
 
-    from shadowproxy.listener import assert_c_parser
+    from shadowproxy.http.listener import assert_c_parser
 
     assert_c_parser()  # llhttp is what runs here
     monkeypatch.setattr(http_parser, "HttpRequestParser", http_parser.HttpRequestParserPy)

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shadowproxy.service import Service
+from shadowproxy.control.service import Service
 from tests.fakes import RawServer
 from tests.proxyharness import running_service, sample, wait_until, write_config
 

@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from shadowproxy.listener import GuardedRequestHandler, ProxyServer
+from shadowproxy.http.listener import GuardedRequestHandler, ProxyServer
 from tests.faults.test_conformance import (
     OK_BODY,
     MiB,

@@ -12,11 +12,11 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.metrics import Metrics
-from shadowproxy.recorder import Recorder
-from shadowproxy.recording import build_record
-from shadowproxy.settings import StorageSettings
+from shadowproxy.config.settings import StorageSettings
+from shadowproxy.pairs.record_build import build_record
 from shadowproxy.storage.postgres import PostgresStore
+from shadowproxy.storage.recorder import Recorder
+from shadowproxy.telemetry.metrics import Metrics
 from tests.recordkit import Forwarder, make_comparison, make_exchange, make_record
 
 pytestmark = pytest.mark.postgres

@@ -13,19 +13,19 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shadowproxy.metrics import Metrics
-from shadowproxy.recorder import Recorder
-from shadowproxy.settings import StorageSettings
+from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.postgres import PostgresStore
+from shadowproxy.storage.recorder import Recorder
+from shadowproxy.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.postgres
 
 VICTIM = """
 import asyncio, os, signal, sys
 from prometheus_client import CollectorRegistry
-from shadowproxy.metrics import Metrics
-from shadowproxy.recorder import Recorder
-from shadowproxy.settings import StorageSettings
+from shadowproxy.telemetry.metrics import Metrics
+from shadowproxy.storage.recorder import Recorder
+from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.postgres import PostgresStore
 from tests.recordkit import make_record
 

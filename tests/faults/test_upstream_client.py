@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shadowproxy.service import Service
+from shadowproxy.control.service import Service
 from tests.fakes import RawServer
 from tests.faults.test_conformance import (
     OK_BODY,

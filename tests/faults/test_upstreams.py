@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shadowproxy.service import Service
+from shadowproxy.control.service import Service
 from tests.fakes import RawServer, garbage, read_head, reset_before_headers
 from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
 

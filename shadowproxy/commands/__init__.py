@@ -1,0 +1,1 @@
+"""CLI entry points: one module per ``shadowproxy`` sub-command."""

@@ -1,0 +1,1 @@
+"""routes.yaml → frozen settings (file:line errors), durations, presets, the file watcher."""

@@ -1,0 +1,1 @@
+"""Wiring and control plane: the service, workers and signals, admin listener, promotion."""

@@ -1,0 +1,1 @@
+"""What is left around aiohttp: hop-by-hop header rules and the listener's guards."""

@@ -1,0 +1,1 @@
+"""One primary/shadow pair: observations, bodies, comparison, presets, pipeline, redacted record."""

@@ -1,0 +1,1 @@
+"""The request path: handler, mirroring, config generations, upstream pools, routing, breaker, overload."""

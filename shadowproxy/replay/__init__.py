@@ -1,0 +1,1 @@
+"""Replay recorded requests against a model that missed the traffic."""
