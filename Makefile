@@ -20,6 +20,7 @@ lint: install
 	$(VENV)/bin/ruff check shadowproxy tests bench
 	$(VENV)/bin/ruff format --check shadowproxy tests bench
 	$(VENV)/bin/mypy --strict shadowproxy
+	$(VENV)/bin/lint-imports
 
 pytest: install deploy-tools
 	$(VENV)/bin/pytest -q
