@@ -45,6 +45,7 @@ import orjson
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
+from shadowproxy.base.error_kinds import ErrorKind
 from shadowproxy.config.ignore_paths import drop_all
 from shadowproxy.config.settings import CompareSettings
 from shadowproxy.pairs.observation import Observation
@@ -79,7 +80,7 @@ def compare_responses(
     def done(
         outcome: str,
         agreement: bool | None,
-        error: str | None = None,
+        error: ErrorKind | None = None,
         diff: Iterable[DiffEntry] = (),
     ) -> Comparison:
         return Comparison(

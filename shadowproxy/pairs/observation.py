@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from shadowproxy.base.error_kinds import TransportErrorKind
 from shadowproxy.config.settings import CompareSettings
 
 
@@ -32,12 +33,11 @@ class Observation:
     body: bytes  # captured body, at most the capture limit
     body_truncated: bool
     latency_ms: float  # time to the complete (captured) body, or to the error
-    # Transport failure kind, None when a full response arrived:
-    # "timeout" | "connect" | "protocol" | "reset" | "body_too_large" | "cancelled"
-    error: str | None = None
+    # Transport failure kind (shadowproxy.base.error_kinds), None when a full response arrived
+    error: TransportErrorKind | None = None
 
 
-def failed(upstream: str, error: str, latency_ms: float = 0.0) -> Observation:
+def failed(upstream: str, error: TransportErrorKind, latency_ms: float = 0.0) -> Observation:
     """The observation of a call that produced no answer."""
     return Observation(
         upstream=upstream,

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from shadowproxy.base.error_kinds import TransportErrorKind
 from shadowproxy.config.settings import RouteSettings
 from shadowproxy.http.headers import (
     REQUEST_ID,
@@ -283,7 +284,7 @@ class _PrimaryCall:
         self.latency_s = 0.0
         self.status: int | None = None
         self.response_headers: tuple[tuple[str, str], ...] = ()
-        self.error: str | None = None
+        self.error: TransportErrorKind | None = None
 
     def code_label(self) -> str:
         if self.status is not None and self.error is None:
@@ -301,7 +302,7 @@ class _PrimaryCall:
             error=self.error,
         )
 
-    def _failed(self, kind: str) -> web.Response:
+    def _failed(self, kind: TransportErrorKind) -> web.Response:
         self.error = kind
         return _upstream_failure(self.client.settings.name, kind, self.request_id)
 

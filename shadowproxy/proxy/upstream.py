@@ -33,6 +33,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
+from shadowproxy.base.error_kinds import TransportErrorKind
 from shadowproxy.config.settings import UpstreamSettings
 from shadowproxy.pairs.observation import Observation, failed
 
@@ -45,12 +46,12 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 class UpstreamError(Exception):
     """An upstream call failed; ``kind`` is one of connect, timeout, reset, protocol."""
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    def __init__(self, kind: TransportErrorKind, detail: str = "") -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
+        self.kind: TransportErrorKind = kind
 
 
-def error_kind(exc: BaseException) -> str:
+def error_kind(exc: BaseException) -> TransportErrorKind:
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shadowproxy.base.error_kinds import ErrorKind
+
 # Outcomes of one (request, shadow) comparison; also the `outcome` label values.
 AGREE = "agree"
 DISAGREE = "disagree"
@@ -28,7 +30,7 @@ class Comparison:
     shadow_label: str | None
     primary_score: float | None
     shadow_score: float | None
-    shadow_error: str | None  # timeout|connect|protocol|reset|status_5xx|not_json|...
+    shadow_error: ErrorKind | None  # shadowproxy.base.error_kinds
     diff: tuple[DiffEntry, ...] = ()
 
 
@@ -90,7 +92,7 @@ class Record:
     shadow_body: str | None
     shadow_label: str | None
     shadow_score: float | None
-    shadow_error: str | None
+    shadow_error: str | None  # an ErrorKind (shadowproxy.base.error_kinds); any text read back
     agreement: bool | None
     diff: list[dict[str, Any]]
     instance: str
