@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import asyncpg
+
 from shadowproxy.config.settings import CompareSettings
 from shadowproxy.pairs.observation import Exchange, Observation, RequestSnapshot
 from shadowproxy.storage.record import Comparison, DiffEntry, Record
@@ -169,3 +171,16 @@ async def _pipe(
                 continue
             writer.write(data)
             await writer.drain()
+
+
+async def shadow_log_counts(url: str) -> tuple[int, int]:
+    """Rows in shadow_log, and distinct (request_id, shadow_upstream) pairs among them."""
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT (request_id, shadow_upstream)) AS d FROM shadow_log"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row["n"]), int(row["d"])

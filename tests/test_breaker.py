@@ -9,7 +9,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shadowproxy.proxy.breaker import CircuitBreaker
-from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
+from tests.proxyharness import free_port, running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 
 class Clock:

@@ -10,27 +10,14 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.proxyharness import running_service, sample, wait_until, write_config
+from tests.fakemodel import fake_model
+from tests.proxyharness import running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def named_upstream(name: str, gate: asyncio.Event | None = None) -> TestServer:
-    async def handler(request: web.Request) -> web.Response:
-        await request.read()
-        if gate is not None and request.path == "/slow":
-            await gate.wait()
-        return web.json_response({"prediction": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
 
 
 def base(server: TestServer) -> str:
@@ -79,7 +66,7 @@ async def test_admin_reload_ok_and_invalid_keeps_old_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SHADOWPROXY_ADMIN_TOKEN", TOKEN)
-    a, b = await named_upstream("a"), await named_upstream("b")
+    a, b = await fake_model({"prediction": "a"}), await fake_model({"prediction": "b"})
     config = write_config(tmp_path, {"a": base(a), "b": base(b)}, [{"name": "r", "primary": "a"}])
     async with running_service(config) as service, aiohttp.ClientSession() as client:
         admin = f"http://127.0.0.1:{service.admin_port}"
@@ -125,7 +112,7 @@ async def test_admin_reload_ok_and_invalid_keeps_old_config(
 
 async def test_reload_under_load_drops_no_request_and_drains_old_pools(tmp_path: Path) -> None:
     gate = asyncio.Event()
-    a, b = await named_upstream("a", gate), await named_upstream("b")
+    a, b = await fake_model({"prediction": "a"}, hold=gate), await fake_model({"prediction": "b"})
     config = write_config(
         tmp_path, {"a": base(a), "b": base(b)}, [{"name": "r", "primary": "a", "shadows": ["b"]}]
     )
@@ -172,7 +159,7 @@ async def test_promote_endpoint_swaps_file_reloads_and_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SHADOWPROXY_ADMIN_TOKEN", TOKEN)
-    v1, v2 = await named_upstream("v1"), await named_upstream("v2")
+    v1, v2 = await fake_model({"prediction": "v1"}), await fake_model({"prediction": "v2"})
     config = commented_config(tmp_path, base(v1), base(v2))
     before = config.read_text()
     async with running_service(config) as service, aiohttp.ClientSession() as client:
@@ -211,7 +198,7 @@ async def test_promote_endpoint_swaps_file_reloads_and_records(
 
 
 async def test_file_watcher_reloads_a_changed_file(tmp_path: Path) -> None:
-    v1, v2 = await named_upstream("v1"), await named_upstream("v2")
+    v1, v2 = await fake_model({"prediction": "v1"}), await fake_model({"prediction": "v2"})
     config = commented_config(tmp_path, base(v1), base(v2), watch=True)
     async with running_service(config) as service, aiohttp.ClientSession() as client:
         assert await who(client, service.proxy_port) == "v1"

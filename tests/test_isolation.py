@@ -15,7 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.fakes import RawServer, garbage, reset_before_headers, reset_mid_body
-from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
+from tests.proxyharness import free_port, running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 PRIMARY_BODY = b'{"prediction": "positive", "confidence": 0.93}'
 

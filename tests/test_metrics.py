@@ -11,12 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from shadowproxy.telemetry.metrics import Metrics
-from tests.proxyharness import running_service, sample, wait_until, write_config
+from tests.fakemodel import fake_model
+from tests.proxyharness import running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 
 def test_rolling_gauges_cover_the_last_window_only() -> None:
@@ -66,20 +66,8 @@ def test_config_info_keeps_one_series() -> None:
     assert metrics.registry.get_sample_value("shadowproxy_config_info", {"sha256": "b" * 64}) == 1
 
 
-async def upstream(payload: dict[str, str]) -> TestServer:
-    async def handler(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response(payload)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
-
-
 async def test_metrics_match_traffic_and_random_paths_add_no_series(tmp_path: Path) -> None:
-    p, s = await upstream({"prediction": "a"}), await upstream({"prediction": "b"})
+    p, s = await fake_model({"prediction": "a"}), await fake_model({"prediction": "b"})
     urls = {"p": str(p.make_url("")).rstrip("/"), "s": str(s.make_url("")).rstrip("/")}
     routes = [
         {

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 from yarl import URL
 
-from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
+from tests.proxyharness import free_port, running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 
 def echo_app(name: str = "primary", seen: list[dict[str, Any]] | None = None) -> web.Application:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from shadowproxy.storage.spool import Spool
 from shadowproxy.storage.sqlite import SqliteStore
 from shadowproxy.telemetry.metrics import Metrics
 from tests.recordkit import make_record
+from tests.waiting import until
 
 
 class FakeStore:
@@ -61,12 +62,6 @@ class FakeStore:
 
     async def close(self) -> None:
         return None
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def settings(tmp_path: Path, **kw: object) -> StorageSettings:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.fakemodel import fake_model
 from tests.processes import serve
 
 ROUTES = """\
@@ -35,18 +35,6 @@ routes:
 """
 
 
-async def model(name: str) -> TestServer:
-    async def predict(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"prediction": "positive", "model": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", predict)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
-
-
 async def answered_by(client: aiohttp.ClientSession, url: str, rid: str) -> str:
     async with client.post(url + "/predict", data=b"{}", headers={"X-Request-ID": rid}) as r:
         assert r.status == 200
@@ -56,7 +44,10 @@ async def answered_by(client: aiohttp.ClientSession, url: str, rid: str) -> str:
 async def test_two_replicas_promote_through_the_file_and_record_everything_once(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    v1, v2 = await model("v1"), await model("v2")
+    v1, v2 = (
+        await fake_model({"prediction": "positive", "model": "v1"}),
+        await fake_model({"prediction": "positive", "model": "v2"}),
+    )
     try:
         await _two_replicas(tmp_path, postgres_url, v1, v2)
     finally:

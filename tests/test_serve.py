@@ -9,30 +9,16 @@ import sqlite3
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fakemodel import fake_model
 from tests.processes import serve
 from tests.proxyharness import write_config
 
 
-async def upstream(
-    name: str, slow: asyncio.Event | None = None, arrived: asyncio.Event | None = None
-) -> TestServer:
-    async def handler(request: web.Request) -> web.Response:
-        await request.read()
-        if request.path == "/slow" and slow is not None:
-            if arrived is not None:
-                arrived.set()
-            await slow.wait()
-        return web.json_response({"prediction": name, "confidence": 0.9})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
+def answer(name: str) -> dict[str, object]:
+    return {"prediction": name, "confidence": 0.9}
 
 
 def base(server: TestServer) -> str:
@@ -70,7 +56,10 @@ def rows(db: Path) -> int:
 
 async def test_sigterm_finishes_in_flight_request_flushes_and_exits_zero(tmp_path: Path) -> None:
     release, arrived = asyncio.Event(), asyncio.Event()
-    p, s = await upstream("p", release, arrived), await upstream("s")
+    p, s = (
+        await fake_model(answer("p"), hold=release, arrived=arrived),
+        await fake_model(answer("s")),
+    )
     config = sqlite_config(tmp_path, {"p": base(p), "s": base(s)}, "p", ["s"])
     with serve(config) as proc:
         await proc.ready()
@@ -95,7 +84,7 @@ async def test_sigterm_finishes_in_flight_request_flushes_and_exits_zero(tmp_pat
 
 
 async def test_sighup_reloads(tmp_path: Path) -> None:
-    a, b = await upstream("a"), await upstream("b")
+    a, b = await fake_model(answer("a")), await fake_model(answer("b"))
     config = sqlite_config(tmp_path, {"a": base(a), "b": base(b)}, "a", [])
     with serve(config) as proc:
         await proc.ready()
@@ -116,7 +105,7 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
 
 
 async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
-    p, s = await upstream("p"), await upstream("s")
+    p, s = await fake_model(answer("p")), await fake_model(answer("s"))
     config = sqlite_config(tmp_path, {"p": base(p), "s": base(s)}, "p", ["s"])
     sent = 200
     with serve(config, "--workers", "2", env={"SHADOWPROXY_INSTANCE": "replica-a"}) as proc:
@@ -157,7 +146,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> 
 
 
 async def test_admin_reload_reaches_every_worker(tmp_path: Path) -> None:
-    a, b = await upstream("a"), await upstream("b")
+    a, b = await fake_model(answer("a")), await fake_model(answer("b"))
     config = sqlite_config(tmp_path, {"a": base(a), "b": base(b)}, "a", [])
     with serve(config, "--workers", "2", env={"SHADOWPROXY_ADMIN_TOKEN": "t0ken"}) as proc:
         await proc.ready()
@@ -203,7 +192,7 @@ async def _exited(pid: int) -> None:
 
 
 async def test_workers_end_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    p = await upstream("p")
+    p = await fake_model(answer("p"))
     config = sqlite_config(tmp_path, {"p": base(p)}, "p", [])
     with serve(config, "--workers", "2") as proc:
         await proc.ready()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import uvloop
+
+from tests.recordkit import Forwarder
 
 # The client-facing server is exercised on both event loops: the stdlib one the in-process
 # tests default to, and uvloop, which `shadowproxy serve` runs on (its transports differ).
@@ -60,3 +63,14 @@ async def nothing_left_behind() -> AsyncIterator[None]:
         c for c in unhandled if "unexpected connection_lost() call" not in str(c.get("exception"))
     ]
     assert ours == [], ours
+
+
+@pytest.fixture
+async def forwarder(postgres_url: str) -> AsyncIterator[tuple[Forwarder, str]]:
+    """A TCP forwarder in front of the test PostgreSQL, and the URL that goes through it."""
+    parts = urlsplit(postgres_url)
+    fwd = Forwarder(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await fwd.accept()
+    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    yield fwd, urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{fwd.port}"))
+    await fwd.refuse()

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shadowproxy.control.service import Service
-from tests.proxyharness import running_service, sample, wait_until, write_config
+from tests.proxyharness import running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 
 @dataclass

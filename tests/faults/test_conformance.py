@@ -27,7 +27,8 @@ from aiohttp.test_utils import TestServer
 
 from shadowproxy.control.service import Service
 from tests.fakes import RawServer
-from tests.proxyharness import running_service, sample, wait_until, write_config
+from tests.proxyharness import running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 READ_LIMIT = 32 * 1024 * 1024  # stream buffer limit of test clients and upstreams
 OK_BODY = b'{"prediction": "a"}'

@@ -34,7 +34,8 @@ from tests.faults.test_conformance import (
     route,
     send,
 )
-from tests.proxyharness import sample, wait_until
+from tests.proxyharness import sample
+from tests.waiting import until as wait_until
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 

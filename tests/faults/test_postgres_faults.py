@@ -3,10 +3,7 @@ values that would poison a batch. Each ends with exact accounting and no duplica
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -17,25 +14,16 @@ from shadowproxy.pairs.record_build import build_record
 from shadowproxy.storage.postgres import PostgresStore
 from shadowproxy.storage.recorder import Recorder
 from shadowproxy.telemetry.metrics import Metrics
-from tests.recordkit import Forwarder, make_comparison, make_exchange, make_record
+from tests.recordkit import (
+    Forwarder,
+    make_comparison,
+    make_exchange,
+    make_record,
+    shadow_log_counts,
+)
+from tests.waiting import until
 
 pytestmark = pytest.mark.postgres
-
-
-async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-async def forwarder(postgres_url: str) -> AsyncIterator[tuple[Forwarder, str]]:
-    parts = urlsplit(postgres_url)
-    fwd = Forwarder(parts.hostname or "127.0.0.1", parts.port or 5432)
-    await fwd.accept()
-    user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    yield fwd, urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{fwd.port}"))
-    await fwd.refuse()
 
 
 def make_recorder(
@@ -48,18 +36,6 @@ def make_recorder(
     store = PostgresStore(url, timeout_s=1)
     metrics = Metrics(CollectorRegistry())
     return Recorder(store, settings, metrics, instance="f", write_timeout_s=write_timeout_s)
-
-
-async def counts(url: str) -> tuple[int, int]:
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        row = await conn.fetchrow(
-            "SELECT count(*) AS n, count(DISTINCT (request_id, shadow_upstream)) AS d FROM shadow_log"
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return int(row["n"]), int(row["d"])
 
 
 def balanced(recorder: Recorder) -> bool:
@@ -82,7 +58,10 @@ async def test_lost_commit_acknowledgement_adds_no_duplicate(
             recorder.submit(make_record(i))
         await until(lambda: recorder.status()["spooled"] == 50)
         assert fwd.mute_replies and fwd.mute_on is None  # the batch timed out awaiting the ack
-        assert await counts(postgres_url) == (250, 250)  # committed although unacknowledged
+        assert await shadow_log_counts(postgres_url) == (
+            250,
+            250,
+        )  # committed although unacknowledged
         fwd.mute_replies = False
         for i in range(250, 350):
             recorder.submit(make_record(i))
@@ -96,7 +75,7 @@ async def test_lost_commit_acknowledgement_adds_no_duplicate(
     finally:
         await recorder.close(5)
     assert balanced(recorder) and recorder.status()["dropped"] == 0
-    assert await counts(postgres_url) == (350, 350)
+    assert await shadow_log_counts(postgres_url) == (350, 350)
 
 
 async def test_locked_table_fills_the_queue_then_spools(postgres_url: str, tmp_path: Path) -> None:
@@ -123,7 +102,7 @@ async def test_locked_table_fills_the_queue_then_spools(postgres_url: str, tmp_p
     )
     await recorder.close(5)
     assert balanced(recorder)
-    assert await counts(postgres_url) == (1000, 1000)
+    assert await shadow_log_counts(postgres_url) == (1000, 1000)
 
 
 async def test_hostile_values_never_poison_a_batch(postgres_url: str, tmp_path: Path) -> None:
@@ -150,4 +129,4 @@ async def test_hostile_values_never_poison_a_batch(postgres_url: str, tmp_path: 
     await recorder.close(5)
     status = recorder.status()
     assert (status["written"], status["dropped"], status["spooled"]) == (30, 1, 0)
-    assert await counts(postgres_url) == (30, 30)
+    assert await shadow_log_counts(postgres_url) == (30, 30)

@@ -10,11 +10,8 @@ written + spooled + dropped == produced.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -22,27 +19,10 @@ from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.postgres import PostgresStore
 from shadowproxy.storage.recorder import Recorder
 from shadowproxy.telemetry.metrics import Metrics
-from tests.recordkit import Forwarder, make_record
+from tests.recordkit import Forwarder, make_record, shadow_log_counts
+from tests.waiting import until
 
 pytestmark = pytest.mark.postgres
-
-
-async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-async def forwarder(postgres_url: str) -> AsyncIterator[tuple[Forwarder, str]]:
-    parts = urlsplit(postgres_url)
-    fwd = Forwarder(parts.hostname or "127.0.0.1", parts.port or 5432)
-    await fwd.accept()
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{fwd.port}"
-    url = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-    yield fwd, url
-    await fwd.refuse()
 
 
 def make_recorder(url: str, tmp_path: Path) -> Recorder:
@@ -62,18 +42,6 @@ async def produce(recorder: Recorder, start: int, count: int) -> None:
         recorder.submit(make_record(i))
         if i % 10 == 0:
             await asyncio.sleep(0.001)  # traffic keeps flowing, not one burst
-
-
-async def table_counts(postgres_url: str) -> tuple[int, int]:
-    conn = await asyncpg.connect(postgres_url, timeout=5)
-    try:
-        row = await conn.fetchrow(
-            "SELECT count(*) AS n, count(DISTINCT (request_id, shadow_upstream)) AS d FROM shadow_log"
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return int(row["n"]), int(row["d"])
 
 
 def assert_balanced(recorder: Recorder, produced: int) -> None:
@@ -111,7 +79,7 @@ async def test_outage_while_records_flow(
         await recorder.close(5)
     assert_balanced(recorder, 3000)
     assert recorder.status()["spooled"] >= 300
-    assert await table_counts(postgres_url) == (3000, 3000)
+    assert await shadow_log_counts(postgres_url) == (3000, 3000)
     assert list((tmp_path / "spool").iterdir()) == []
 
 
@@ -129,4 +97,4 @@ async def test_down_at_start_then_drains(
     await until(lambda: recorder.store_ok and recorder.status()["spool_pending"] == 0)
     await recorder.close(5)
     assert_balanced(recorder, 500)
-    assert await table_counts(postgres_url) == (500, 500)
+    assert await shadow_log_counts(postgres_url) == (500, 500)

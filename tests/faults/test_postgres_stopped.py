@@ -7,29 +7,18 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.fakemodel import fake_model
 from tests.faults.privatepg import private_cluster
-from tests.proxyharness import running_service, sample, wait_until, write_config
+from tests.proxyharness import running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 OUTAGE_S = 20
 
 
-async def model(name: str) -> TestServer:
-    async def predict(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"prediction": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", predict)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
-
-
 async def test_immediate_stop_under_load(tmp_path: Path) -> None:
-    p, s = await model("a"), await model("b")
+    p, s = await fake_model({"prediction": "a"}), await fake_model({"prediction": "b"})
     try:
         await _outage(tmp_path, p, s)
     finally:

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.fakemodel import fake_model
 from tests.processes import serve
 from tests.proxyharness import free_port, write_config
 
@@ -22,18 +21,7 @@ SECRETS = (
 )
 
 
-async def model() -> TestServer:
-    async def predict(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response(
-            {"prediction": "a", "input": {"ssn": "123-45-6789"}}
-        )  # echoes PII back
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:[\\s\\S]*}", predict)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
+ANSWER = {"prediction": "a", "input": {"ssn": "123-45-6789"}}  # echoes PII back
 
 
 async def raw_request(port: int, data: bytes) -> bytes:
@@ -46,7 +34,7 @@ async def raw_request(port: int, data: bytes) -> bytes:
 
 
 async def test_no_secret_or_pii_reaches_logs_rows_errors_or_metrics(tmp_path: Path) -> None:
-    primary, shadow = await model(), await model()
+    primary, shadow = await fake_model(ANSWER), await fake_model(ANSWER)
     urls = {
         "p": str(primary.make_url("")).rstrip("/"),
         "s": str(shadow.make_url("")).rstrip("/"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +16,7 @@ from shadowproxy.config.settings import StorageSettings
 from shadowproxy.storage.postgres import PostgresStore
 from shadowproxy.storage.recorder import Recorder
 from shadowproxy.telemetry.metrics import Metrics
+from tests.waiting import until
 
 pytestmark = pytest.mark.postgres
 
@@ -47,12 +47,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 async def test_sigkill_with_spooled_records_and_a_torn_line(

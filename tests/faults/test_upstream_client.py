@@ -38,7 +38,8 @@ from tests.faults.test_conformance import (
     route,
     send,
 )
-from tests.proxyharness import sample, wait_until
+from tests.proxyharness import sample
+from tests.waiting import until as wait_until
 
 BIG_ANSWER = random.Random(8).randbytes(4 * MiB)
 

@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestServer
 
 from shadowproxy.control.service import Service
 from tests.fakes import RawServer, garbage, read_head, reset_before_headers
-from tests.proxyharness import free_port, running_service, sample, wait_until, write_config
+from tests.proxyharness import free_port, running_service, sample, write_config
+from tests.waiting import until as wait_until
 
 PRIMARY_BODY = b'{"prediction": "a", "confidence": 0.9}'
 
