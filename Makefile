@@ -28,7 +28,7 @@ pytest: install deploy-tools
 test: lint pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache
 
 -include deploy/deploy.mk
 -include bench/bench.mk

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("shadowproxy.base.tasks")
+log = structlog.get_logger("shadowproxy.tasks")
 
 
 class TaskGroup:

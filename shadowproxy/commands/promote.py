@@ -6,7 +6,7 @@ Without it the file is edited here, then the admin listener named in the config 
 asked to reload; when none answers, running proxies pick the change up through the
 file watcher or SIGHUP. ``--if-ready`` promotes only when the report's gate says ready.
 
-Exit codes as in cli.py: 0 promoted; 1 gate not passed; 2 anything refused or
+Exit codes as in base/exits.py: 0 promoted; 1 gate not passed; 2 anything refused or
 unreachable (the message says what and where); 3 too few samples. Nothing is promoted
 unless the exit code is 0.
 """

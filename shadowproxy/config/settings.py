@@ -1,7 +1,7 @@
 """Typed, immutable configuration: what routes.yaml parses into.
 
 Every runtime component receives these frozen objects, never raw dicts.
-Parsing and validation (with file:line errors) live in ``config.py``.
+Parsing and validation (with file:line errors) live in ``config/load.py``.
 """
 
 from __future__ import annotations

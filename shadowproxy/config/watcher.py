@@ -19,7 +19,7 @@ import structlog
 
 from shadowproxy.base.tasks import spawn
 
-log = structlog.get_logger("shadowproxy.config.watcher")
+log = structlog.get_logger("shadowproxy.watcher")
 
 
 def file_sha256(path: str) -> str | None:

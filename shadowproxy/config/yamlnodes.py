@@ -1,6 +1,6 @@
 """A thin typed view over PyYAML's node tree so every value knows its line.
 
-``config.py`` walks these nodes; any error it raises names file:line and the key path.
+``config/load.py`` walks these nodes; any error it raises names file:line and the key path.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from shadowproxy.base.errors import ConfigError
 from shadowproxy.control.plane import ControlPlane
 from shadowproxy.control.promotion import ConfigNotWritable, RouteNotFound, ShadowNotFound
 
-log = structlog.get_logger("shadowproxy.control.admin")
+log = structlog.get_logger("shadowproxy.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -37,7 +37,7 @@ from shadowproxy.storage.base import PromotionRecord
 from shadowproxy.storage.recorder import Recorder
 from shadowproxy.telemetry.metrics import Metrics
 
-log = structlog.get_logger("shadowproxy.control.service")
+log = structlog.get_logger("shadowproxy.service")
 
 
 @dataclass(frozen=True, slots=True)

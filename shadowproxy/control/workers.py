@@ -28,7 +28,7 @@ from shadowproxy.base.exits import EXIT_OK
 from shadowproxy.config.settings import Settings
 from shadowproxy.control.service import Overrides, Service
 
-log = structlog.get_logger("shadowproxy.control.workers")
+log = structlog.get_logger("shadowproxy.server")
 
 WORKER_ENV = "SHADOWPROXY_WORKER_INDEX"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -40,7 +40,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from shadowproxy.config.settings import ServerSettings
 from shadowproxy.http.headers import new_request_id
 
-log = structlog.get_logger("shadowproxy.http.listener")
+log = structlog.get_logger("shadowproxy.listener")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _FIRST_LINE_PEEK = 8192  # a request line longer than this is aiohttp's to refuse
 

@@ -19,7 +19,7 @@ from shadowproxy.pairs.record_build import build_record
 from shadowproxy.storage.record import Record
 from shadowproxy.telemetry.metrics import Metrics
 
-log = structlog.get_logger("shadowproxy.pairs.pipeline")
+log = structlog.get_logger("shadowproxy.pipeline")
 
 COMPARE_CAP = 4 * 1024 * 1024  # decoded bytes compared at most per side
 

@@ -34,7 +34,7 @@ from shadowproxy.proxy.runtime import Generation, Runtime
 from shadowproxy.proxy.upstream import UpstreamClient, UpstreamError, decode_headers, read_chunk
 from shadowproxy.telemetry.metrics import Metrics
 
-log = structlog.get_logger("shadowproxy.proxy.handler")
+log = structlog.get_logger("shadowproxy.proxy")
 access_log = structlog.get_logger("shadowproxy.access")
 
 # Answers up to this size with a Content-Length are read whole and sent in one write;

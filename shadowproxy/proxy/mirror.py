@@ -27,7 +27,7 @@ from shadowproxy.proxy.runtime import Generation, Runtime
 from shadowproxy.proxy.upstream import observe
 from shadowproxy.telemetry.metrics import Metrics
 
-log = structlog.get_logger("shadowproxy.proxy.mirror")
+log = structlog.get_logger("shadowproxy.mirror")
 
 
 class PairJoin:

@@ -18,7 +18,7 @@ from shadowproxy.config.settings import Settings, UpstreamSettings
 from shadowproxy.proxy.routing import RouteTable
 from shadowproxy.proxy.upstream import UpstreamClient
 
-log = structlog.get_logger("shadowproxy.proxy.runtime")
+log = structlog.get_logger("shadowproxy.runtime")
 
 ClientKey = tuple[str, UpstreamSettings, int]  # (role, settings, pool limit)
 

@@ -40,7 +40,7 @@ from shadowproxy.storage.spool import Spool
 from shadowproxy.storage.spool_drain import ReplayStats, replay_spool
 from shadowproxy.telemetry.metrics import Metrics
 
-log = structlog.get_logger("shadowproxy.storage.recorder")
+log = structlog.get_logger("shadowproxy.recorder")
 
 RETENTION_BATCH = 5000
 RETENTION_FIRST_DELAY_S = 60.0

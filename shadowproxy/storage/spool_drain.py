@@ -17,7 +17,7 @@ from shadowproxy.storage.base import Store
 from shadowproxy.storage.batch import RecordsRejected
 from shadowproxy.storage.spool import Spool
 
-log = structlog.get_logger("shadowproxy.storage.spool_drain")
+log = structlog.get_logger("shadowproxy.spool_replay")
 
 
 @dataclass(slots=True)
