@@ -8,6 +8,17 @@ from collections.abc import Awaitable, Callable
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the peer closes (a reset ends it too: what arrived is kept)."""
+    chunks = []
+    try:
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shadowproxy.control.service import Service
-from tests.fakes import RawServer
+from tests.fakes import RawServer, read_to_eof
 from tests.proxyharness import running_service, sample, write_config
 from tests.waiting import until as wait_until
 
@@ -56,16 +56,6 @@ class Response:
 
     def json(self) -> Any:
         return orjson.loads(self.body)
-
-
-async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    chunks = []
-    try:
-        while chunk := await reader.read(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
@@ -122,7 +112,7 @@ async def read_response(reader: asyncio.StreamReader, method: str = "GET") -> Re
         except ConnectionResetError:
             return Response(status, status_line, headers, b"", False, False)
         return Response(status, status_line, headers, body, True, False)
-    return Response(status, status_line, headers, await _read_to_eof(reader), True, False)
+    return Response(status, status_line, headers, await read_to_eof(reader), True, False)
 
 
 @asynccontextmanager
@@ -664,7 +654,7 @@ async def test_http_1_0_request_with_chunked_body_gets_400_and_a_close(tmp_path:
             response = await read_response(reader, "POST")
             assert response is not None
             assert_error_json(response, 400)
-            assert await _read_to_eof(reader) == b""  # and the connection is closed
+            assert await read_to_eof(reader) == b""  # and the connection is closed
     assert primary.seen == []
 
 

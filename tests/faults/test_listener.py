@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from shadowproxy.http.listener import GuardedRequestHandler, ProxyServer
+from tests.fakes import read_to_eof
 from tests.faults.test_conformance import (
     OK_BODY,
     MiB,
@@ -98,17 +99,6 @@ async def answer_of(reader: asyncio.StreamReader, method: str = "GET") -> Respon
         pytest.fail("no answer within 5 s")
     assert response is not None, "the connection ended without an answer"
     return response
-
-
-async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    """Everything until the server closes (a reset ends it too: what arrived is kept)."""
-    chunks = []
-    try:
-        while chunk := await reader.read(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:

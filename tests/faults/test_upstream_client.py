@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from shadowproxy.control.service import Service
-from tests.fakes import RawServer
+from tests.fakes import RawServer, read_to_eof
 from tests.faults.test_conformance import (
     OK_BODY,
     READ_LIMIT,
@@ -42,16 +42,6 @@ from tests.proxyharness import sample
 from tests.waiting import until as wait_until
 
 BIG_ANSWER = random.Random(8).randbytes(4 * MiB)
-
-
-async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
-    chunks = []
-    try:
-        while chunk := await reader.read(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
 
 
 def written(service: Service) -> float:
