@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakemodel import fake_model
 from tests.processes import serve
 from tests.proxyharness import write_config
+from tests.waiting import until
 
 
 def answer(name: str) -> dict[str, object]:
@@ -70,7 +71,8 @@ async def test_sigterm_finishes_in_flight_request_flushes_and_exits_zero(tmp_pat
             slow = asyncio.ensure_future(client.post(proc.url + "/slow", data=b"{}"))
             await asyncio.wait_for(arrived.wait(), 10)
             proc.signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)  # give the signal time to land before releasing the request
+            # The stop has begun (logged once the signal landed) before the request is released.
+            await until(lambda: '"event": "stopping"' in proc.output(), timeout=10)
             release.set()
             response = await asyncio.wait_for(slow, 10)
             assert response.status == 200

@@ -151,7 +151,7 @@ class MirrorDispatcher:
             self.in_flight[key] = count + 1
             self._upstream_in_flight[shadow] = upstream_count + 1
             self._metrics.mirrors_in_flight(route.name, shadow).inc()
-            generation.in_use += 1  # released when the mirror finishes
+            self._runtime.acquire(generation)  # released when the mirror finishes
             self._tasks.spawn(
                 self._mirror(generation, route.name, shadow, request, mirror_headers, join),
                 name=f"mirror:{route.name}:{shadow}",

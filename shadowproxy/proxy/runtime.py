@@ -88,8 +88,11 @@ class Runtime:
             settings, RouteTable(settings.routes), primaries, shadows, clients=clients
         )
 
-    def acquire(self) -> Generation:
-        generation = self.current
+    def acquire(self, generation: Generation | None = None) -> Generation:
+        """Hold ``generation`` (default: the current one) until ``release``: its routes and
+        pools stay open while a request or a mirror of it is in flight."""
+        if generation is None:
+            generation = self.current
         generation.in_use += 1
         return generation
 
