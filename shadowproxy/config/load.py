@@ -109,6 +109,7 @@ def _server(node: Node) -> ServerSettings:
             "host": Node.as_str,
             "port": _port,
             "max_body_bytes": _positive,
+            "max_buffered_body_bytes": _positive,
             "header_timeout_s": _seconds,
             "body_timeout_s": _seconds,
             "keepalive_timeout_s": _seconds,

@@ -14,6 +14,8 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    # All request bodies held in memory at once; past it a request gets 503 unread.
+    max_buffered_body_bytes: int = 512 * 1024 * 1024
     # Client-side deadlines (nginx client_header_timeout / client_body_timeout / keepalive_timeout).
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0

@@ -31,6 +31,7 @@ from shadowproxy.pairs.pipeline import ComparisonPipeline
 from shadowproxy.proxy.handler import ProxyHandler
 from shadowproxy.proxy.mirror import MirrorDispatcher
 from shadowproxy.proxy.overload import LoopLagMonitor
+from shadowproxy.proxy.request_body import BodyBudget
 from shadowproxy.proxy.runtime import Runtime, restart_required
 from shadowproxy.storage import default_instance, open_store
 from shadowproxy.storage.base import PromotionRecord
@@ -115,11 +116,8 @@ class Service:
             self.mirror_tasks,
             self.overload,
         )
-        self.handler = ProxyHandler(
-            self.runtime,
-            self.dispatcher,
-            self.metrics,
-        )
+        self.body_budget = BodyBudget(settings.server.max_buffered_body_bytes)
+        self.handler = ProxyHandler(self.runtime, self.dispatcher, self.metrics, self.body_budget)
         self.watcher: ConfigWatcher | None = None
         self._reload_lock = asyncio.Lock()
         self.proxy_server: ProxyServer | None = None
@@ -296,6 +294,7 @@ class Service:
         self.metrics.set_window(new.metrics.window)
         if self.proxy_server is not None:
             self.proxy_server.apply(new.server)
+        self.body_budget.limit = new.server.max_buffered_body_bytes
         self.dispatcher.breakers.clear()  # upstreams may have moved: dial them afresh
         if source != "promote":
             self._record_file_promotions(old, new)

@@ -7,7 +7,6 @@ limit) as it streams past, and completes the request's ``PairJoin`` when done.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from itertools import chain
@@ -15,7 +14,6 @@ from itertools import chain
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from shadowproxy.base.error_kinds import TransportErrorKind
 from shadowproxy.config.settings import RouteSettings
@@ -30,6 +28,13 @@ from shadowproxy.http.headers import (
 from shadowproxy.http.listener import GuardedRequestHandler, error_body
 from shadowproxy.pairs.observation import Observation, RequestSnapshot, failed
 from shadowproxy.proxy.mirror import MirrorDispatcher, PairJoin
+from shadowproxy.proxy.request_body import (
+    BodyBudget,
+    BodyBudgetExhausted,
+    BodyMalformed,
+    BodyTooLarge,
+    read_body,
+)
 from shadowproxy.proxy.runtime import Generation, Runtime
 from shadowproxy.proxy.upstream import UpstreamClient, UpstreamError, decode_headers, read_chunk
 from shadowproxy.telemetry.metrics import Metrics
@@ -53,15 +58,6 @@ _DROP_REQUEST = frozenset(
 )
 _DROP_RESPONSE = frozenset({"content-length", "x-request-id"})
 _JSON = "application/json"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyMalformed(Exception):
-    pass
 
 
 def _ascii_headers(raw: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -86,39 +82,6 @@ def _upstream_failure(upstream: str, kind: str, request_id: str) -> web.Response
     """The client's answer when the primary failed before any byte was forwarded."""
     code = 504 if kind == "timeout" else 502
     return error_response(code, f"primary upstream {upstream}: {kind}", request_id)
-
-
-async def read_body(request: web.BaseRequest, limit: int, idle_timeout_s: float) -> bytes:
-    """The whole request body, at most ``limit`` bytes; each chunk must arrive within the idle
-    timeout. ``Expect: 100-continue`` is answered here, once the request is worth its body."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise BodyTooLarge
-    if not request.body_exists:
-        return b""
-    if request.version == aiohttp.HttpVersion11 and "Expect" in request.headers:
-        await request.writer.write(_CONTINUE)
-    content = request.content
-    if content.is_eof():  # the whole body came with the head: no timer
-        data = content.read_nowait()
-        if len(data) > limit:
-            raise BodyTooLarge
-        return data
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await content.readany()
-        except HttpProcessingError as exc:  # failed by the listener: the body stopped parsing
-            raise BodyMalformed from exc
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _forwarded_headers(
@@ -147,10 +110,12 @@ class ProxyHandler:
         runtime: Runtime,
         dispatcher: MirrorDispatcher,
         metrics: Metrics,
+        budget: BodyBudget,
     ) -> None:
         self._runtime = runtime
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._budget = budget
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
@@ -209,8 +174,11 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         settings = generation.settings.server
         received = time.time()
+        budget = self._budget
         try:
-            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            body = await read_body(
+                request, settings.max_body_bytes, settings.body_timeout_s, budget
+            )
         except BodyTooLarge:
             message = f"request body over {settings.max_body_bytes} bytes"
             return error_response(413, message, request_id)
@@ -218,7 +186,26 @@ class ProxyHandler:
             return error_response(408, "request body not received in time", request_id)
         except BodyMalformed:
             return error_response(400, "malformed request body", request_id)
+        except BodyBudgetExhausted:
+            message = (
+                f"request bodies held by the proxy would exceed {budget.limit} bytes"
+                " (server.max_buffered_body_bytes); retry"
+            )
+            return error_response(503, message, request_id)
+        try:
+            return await self._send(request, generation, route, request_id, received, body)
+        finally:
+            budget.give(len(body))
 
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        generation: Generation,
+        route: RouteSettings,
+        request_id: str,
+        received: float,
+        body: bytes,
+    ) -> web.StreamResponse:
         headers = _forwarded_headers(request, request_id, request.headers.get("Host", ""))
         join: PairJoin | None = None
         if route.shadows:
