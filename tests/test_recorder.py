@@ -26,6 +26,7 @@ class FakeStore:
     """A store whose availability the test switches; remembers rows by (request_id, shadow)."""
 
     backend = "fake"
+    location = "memory"
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], Record] = {}
@@ -245,3 +246,23 @@ async def test_retention_deletes_old_rows(tmp_path: Path, metrics: Metrics) -> N
     await until(lambda: recorder.status()["written"] == 30)
     assert await recorder.enforce_retention() == 20
     await recorder.close(2)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///rel/records.db", "jsonl:///rel/records"])
+async def test_storage_up_names_the_resolved_store(
+    tmp_path: Path, metrics: Metrics, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A relative store URL is resolved against the working directory; the log says where."""
+    from structlog.testing import capture_logs
+
+    from shadowproxy.storage import open_store
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    recorder = Recorder(open_store(url, instance="t"), settings(tmp_path), metrics, instance="t")
+    with capture_logs() as logs:
+        await recorder.start()
+    await recorder.close(timeout=5)
+    up = [entry for entry in logs if entry["event"] == "storage_up"]
+    resolved = str(tmp_path / "rel" / ("records.db" if url.startswith("sqlite") else "records"))
+    assert [entry["location"] for entry in up] == [resolved]

@@ -25,6 +25,9 @@ PROMOTION_WINDOW_S = 600
 
 class Store(Protocol):
     backend: str  # "postgresql" | "sqlite" | "jsonl"
+    # Where records go, for the log: an absolute directory or file, or the database's URL
+    # without its password.
+    location: str
 
     async def open(self) -> None:
         """Connect and create or upgrade the schema (safe with several replicas at once)."""

@@ -34,6 +34,7 @@ class JsonlStore:
 
     def __init__(self, directory: str, *, instance: str) -> None:
         self.directory = directory
+        self.location = os.path.abspath(directory)
         self.instance = instance.replace(os.sep, "_")
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()

@@ -98,6 +98,7 @@ class PostgresStore:
 
     def __init__(self, url: str, *, max_connections: int = 4, timeout_s: float = 10.0) -> None:
         self._url = url
+        self.location = display_url(url)
         self._max_connections = max_connections
         self._timeout = timeout_s
         self._pool: asyncpg.Pool | None = None

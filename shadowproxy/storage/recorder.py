@@ -375,7 +375,7 @@ class Recorder:
 
     def _mark_up(self) -> None:
         if self._logged_state is not True:
-            log.info("storage_up", backend=self._store.backend)
+            log.info("storage_up", backend=self._store.backend, location=self._store.location)
         self._logged_state = self.store_ok = True
 
     def _set_spool_ok(self, ok: bool, exc: BaseException | None) -> None:

@@ -10,6 +10,7 @@ worker thread, never on the event loop — before StorageUnavailable.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -77,6 +78,7 @@ class SqliteStore:
 
     def __init__(self, path: str, *, busy_timeout_s: float = 5.0) -> None:
         self.path = path
+        self.location = os.path.abspath(path)
         self._busy_timeout_s = busy_timeout_s
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
