@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -169,3 +170,84 @@ async def test_metrics_match_traffic_and_random_paths_add_no_series(tmp_path: Pa
             )
     await p.close()
     await s.close()
+
+
+def base(server: object) -> str:
+    return str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+
+
+def _series(service: object, shadow: str) -> dict[str, float | None]:
+    """The (route r, shadow) series of every metric that carries them, None where absent."""
+    registry = service.registry  # type: ignore[attr-defined]
+    as_shadow = {"route": "r", "upstream": shadow, "role": "shadow"}
+    return {
+        "requests": registry.get_sample_value(
+            "shadowproxy_requests_total", {**as_shadow, "code": "200"}
+        ),
+        "latency": registry.get_sample_value(
+            "shadowproxy_upstream_latency_seconds_count", as_shadow
+        ),
+        "quantile": registry.get_sample_value(
+            "shadowproxy_latency_quantile_seconds", {**as_shadow, "percentile": "p50"}
+        ),
+        "comparisons": registry.get_sample_value(
+            "shadowproxy_comparisons_total", {"route": "r", "shadow": shadow, "outcome": "agree"}
+        ),
+        "agreement": registry.get_sample_value(
+            "shadowproxy_agreement_ratio", {"route": "r", "shadow": shadow}
+        ),
+        "in_flight": registry.get_sample_value(
+            "shadowproxy_mirror_in_flight", {"route": "r", "shadow": shadow}
+        ),
+    }
+
+
+async def test_series_of_a_shadow_a_reload_removed_disappear(tmp_path: Path) -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+    p = await fake_model({"prediction": "a"})
+    kept = await fake_model({"prediction": "a"})
+    gone = await fake_model({"prediction": "a"}, hold=release, arrived=arrived)
+    upstreams = {"p": base(p), "kept": base(kept), "gone": base(gone)}
+    config = write_config(
+        tmp_path, upstreams, [{"name": "r", "primary": "p", "shadows": ["kept", "gone"]}]
+    )
+    async with running_service(config) as service, aiohttp.ClientSession() as client:
+        url = f"http://127.0.0.1:{service.proxy_port}"
+        async with client.post(url + "/x", data=b"{}") as r:
+            assert r.status == 200
+        await wait_until(
+            lambda: sample(service, "shadowproxy_records_total", outcome="written") == 2
+        )
+        async with client.post(url + "/slow", data=b"{}") as r:  # "gone" holds this mirror
+            assert r.status == 200
+        await asyncio.wait_for(arrived.wait(), 5)
+        service.metrics.refresh_rolling()
+        assert all(value is not None for value in _series(service, "gone").values())
+
+        write_config(tmp_path, upstreams, [{"name": "r", "primary": "p", "shadows": ["kept"]}])
+        await service.reload()
+        service.metrics.refresh_rolling()
+        assert set(_series(service, "gone").values()) == {None}
+        assert all(value is not None for value in _series(service, "kept").values())
+
+        release.set()  # the mirror in flight ends after the reload: recorded, not exported
+        await wait_until(
+            lambda: sample(service, "shadowproxy_records_total", outcome="written") == 4
+        )
+        service.metrics.refresh_rolling()
+        assert set(_series(service, "gone").values()) == {None}
+        assert _series(service, "kept")["in_flight"] == 0
+
+        # Made a shadow again: exported again from its next mirror on.
+        write_config(
+            tmp_path, upstreams, [{"name": "r", "primary": "p", "shadows": ["kept", "gone"]}]
+        )
+        await service.reload()
+        async with client.post(url + "/x", data=b"{}") as r:
+            assert r.status == 200
+        await wait_until(
+            lambda: sample(service, "shadowproxy_records_total", outcome="written") == 6
+        )
+        assert _series(service, "gone")["comparisons"] == 1
+    for server in (p, kept, gone):
+        await server.close()

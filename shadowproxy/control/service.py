@@ -289,6 +289,7 @@ class Service:
         if restart:
             log.warning("config_change_needs_restart", keys=restart)
         changes = self.runtime.swap(new)
+        self._retire_removed_shadows(old, new)
         changes["restart_required"] = restart
         self.recorder.apply(new.storage)
         self.metrics.set_window(new.metrics.window)
@@ -306,6 +307,15 @@ class Service:
             self.watcher.acknowledge(new.sha256)
         log.info("config_reloaded", source=source, **changes)
         return {"reloaded": True, "changes": changes}
+
+    def _retire_removed_shadows(self, old: Settings, new: Settings) -> None:
+        """Series of a (route, shadow) the reload removed (a promotion, an edit) disappear."""
+        before = {(r.name, s) for r in old.routes for s in r.shadows}
+        after = {(r.name, s) for r in new.routes for s in r.shadows}
+        for route, shadow in before - after:
+            self.metrics.retire_shadow(route, shadow)
+        for route, shadow in after:
+            self.metrics.restore_shadow(route, shadow)
 
     def _record_file_promotions(self, old: Settings, new: Settings) -> None:
         """A reload that makes one of a route's shadows its primary is a promotion made in the

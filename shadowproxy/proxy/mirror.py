@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 
 import structlog
+from prometheus_client import Gauge
 
 from shadowproxy.base.tasks import TaskGroup
 from shadowproxy.config.settings import RouteSettings
@@ -150,10 +151,11 @@ class MirrorDispatcher:
                 mirror_headers.append((route.mirror.header, "1"))
             self.in_flight[key] = count + 1
             self._upstream_in_flight[shadow] = upstream_count + 1
-            self._metrics.mirrors_in_flight(route.name, shadow).inc()
+            gauge = self._metrics.mirrors_in_flight(route.name, shadow)
+            gauge.inc()  # decremented on this child even if a reload retires the series
             self._runtime.acquire(generation)  # released when the mirror finishes
             self._tasks.spawn(
-                self._mirror(generation, route.name, shadow, request, mirror_headers, join),
+                self._mirror(generation, route.name, shadow, request, mirror_headers, join, gauge),
                 name=f"mirror:{route.name}:{shadow}",
             )
         return join
@@ -166,6 +168,7 @@ class MirrorDispatcher:
         request: RequestSnapshot,
         headers: list[tuple[str, str]],
         join: PairJoin,
+        in_flight_gauge: Gauge,
     ) -> None:
         key = (route, shadow)
         try:
@@ -181,7 +184,7 @@ class MirrorDispatcher:
         finally:
             self.in_flight[key] -= 1
             self._upstream_in_flight[shadow] -= 1
-            self._metrics.mirrors_in_flight(route, shadow).dec()
+            in_flight_gauge.dec()
             self._runtime.release(generation)
         breaker = self.breakers.get(shadow)
         if breaker is not None and breaker.record(refused=observation.error == "connect"):

@@ -8,6 +8,7 @@ uniform sample of the same traffic, SO_REUSEPORT spreads connections evenly).
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -19,6 +20,13 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+DROP_REASONS = ("saturated", "body_too_large", "overload")
+
+
+def _remove(metric: Counter | Gauge, *labels: str) -> None:
+    """Remove one labelled series if it exists (prometheus_client raises KeyError if not)."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
 
 
 class Metrics:
@@ -134,6 +142,7 @@ class Metrics:
         self._latency_children: dict[tuple[str, str, str], Histogram] = {}
         self._comparison_children: dict[tuple[str, str, str], Counter] = {}
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
+        self._retired: set[tuple[str, str]] = set()  # (route, shadow) pairs a reload removed
 
     def set_window(self, window: int) -> None:
         """A reload's ``metrics.window``: each rolling window keeps its newest entries."""
@@ -145,6 +154,36 @@ class Metrics:
         for lkey, latencies in self._latencies.items():
             self._latencies[lkey] = deque(latencies, maxlen=window)
 
+    def retire_shadow(self, route: str, shadow: str) -> None:
+        """A reload removed ``shadow`` from ``route``: its series leave /metrics, and what its
+        mirrors still in flight observe later is not exported."""
+        key = (route, shadow)
+        self._retired.add(key)
+        for rkey in [k for k in self._request_children if k[:3] == (route, shadow, "shadow")]:
+            self.requests_total.remove(*rkey)
+            del self._request_children[rkey]
+        latency_key = (route, shadow, "shadow")
+        if self._latency_children.pop(latency_key, None) is not None:
+            self.upstream_latency.remove(*latency_key)
+        if self._latencies.pop(latency_key, None) is not None:
+            for name, _ in PERCENTILES:
+                _remove(self.latency_quantile, route, shadow, "shadow", name)
+        for ckey in [k for k in self._comparison_children if k[:2] == key]:
+            self.comparisons_total.remove(*ckey)
+            del self._comparison_children[ckey]
+        if self._agreements.pop(key, None) is not None:
+            _remove(self.agreement_ratio, route, shadow)
+        if self._in_flight_children.pop(key, None) is not None:
+            # A mirror still in flight holds the child it incremented: its decrement lands
+            # there, on a series no longer exported.
+            self.mirror_in_flight.remove(route, shadow)
+        for reason in DROP_REASONS:
+            _remove(self.mirror_dropped_total, route, shadow, reason)
+
+    def restore_shadow(self, route: str, shadow: str) -> None:
+        """A reload (re)made ``shadow`` a shadow of ``route``: its series are exported again."""
+        self._retired.discard((route, shadow))
+
     def set_config(self, sha256: str) -> None:
         if self._config_sha:
             self.config_info.remove(self._config_sha)
@@ -154,6 +193,8 @@ class Metrics:
     def observe_upstream(
         self, route: str, upstream: str, role: str, code: str, latency_s: float | None
     ) -> None:
+        if self._retired and role == "shadow" and (route, upstream) in self._retired:
+            return
         # Children are cached: labels() takes a lock and builds tuples on every call.
         counter = self._request_children.get((route, upstream, role, code))
         if counter is None:
@@ -174,6 +215,8 @@ class Metrics:
     def observe_comparison(
         self, route: str, shadow: str, outcome: str, agreement: bool | None
     ) -> None:
+        if self._retired and (route, shadow) in self._retired:
+            return
         counter = self._comparison_children.get((route, shadow, outcome))
         if counter is None:
             counter = self.comparisons_total.labels(route, shadow, outcome)
